@@ -1,0 +1,41 @@
+# eDIF mesh. Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint format proto bench clean
+
+install: $(STAMP)
+
+# torch is pinned in constraints.txt so pip takes the CPU wheel on this machine's disk
+# rather than resolving a multi-GB CUDA build through nnsight.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/edif demo
+
+test: install lint
+	$(VENV)/bin/pytest -q -ra
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Regenerate the committed gRPC stubs (tests/test_proto_stubs.py fails when they are stale).
+proto: install
+	$(PY) -m edif.protogen proto
+
+bench: install
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

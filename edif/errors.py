@@ -1,0 +1,74 @@
+"""Typed errors shared by the broker, the site agent and the CLI.
+
+Every failure a user or operator can cause or see is one of these, raised where it is
+detected and mapped once to an HTTP status (broker front) and a gRPC status code (agent).
+Messages are written for the person who reads them: what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class EdifError(Exception):
+    """Base of all expected failures; anything else is a bug and maps to 500/INTERNAL."""
+
+    http_status: ClassVar[int] = 500
+    grpc_code: ClassVar[str] = "INTERNAL"  # a grpc.StatusCode name; grpc stays optional here
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(EdifError):
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class AuthenticationError(EdifError):
+    """No credential, or one that does not verify (signature, expiry, issuer, audience)."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(EdifError):
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
+class NotFound(EdifError):
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class UnknownModel(NotFound):
+    """The model key names nothing any site hosts."""
+
+
+class ClientVersionError(EdifError):
+    """The client's nnsight version is not served by any site."""
+
+    http_status = 426
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class PayloadTooLarge(EdifError):
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(EdifError):
+    """No site can take the job right now (all down or unreachable)."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class ConfigError(EdifError):
+    """A site or process configuration is invalid; raised once, at start-up."""
+
+
+class PayloadRefused(BadRequest):
+    """A request payload was refused before anything ran (e.g. a global not on the allowlist)."""
