@@ -1,4 +1,4 @@
-"""Time as an injected dependency, so expiry, heartbeats and policies are tested without sleeping."""
+"""Time as an injected dependency, so expiry, heartbeats and policies are tested without sleep."""
 
 from __future__ import annotations
 

@@ -72,3 +72,48 @@ class ConfigError(EdifError):
 
 class PayloadRefused(BadRequest):
     """A request payload was refused before anything ran (e.g. a global not on the allowlist)."""
+
+
+class SiteUnavailable(Unavailable):
+    """A site could not be reached, or its stream broke; another site may still take the job."""
+
+
+class ResultExpired(NotFound):
+    """A result URL that was valid once but whose retention period has passed."""
+
+    http_status = 410
+
+
+class PayloadUnreadable(PayloadRefused):
+    """A request payload could not be decompressed, unpickled or compiled (garbage, truncated)."""
+
+
+class GlobalNotAllowed(PayloadRefused):
+    """A request payload names a Python global the site's payload policy does not admit."""
+
+
+class ModelMismatch(PayloadRefused):
+    """A request payload references model modules this deployment does not have.
+
+    The client's module tree differs from the site's: another transformers version, a
+    `trust_remote_code` mismatch, or an adapter the site did not apply.
+    """
+
+
+class EnvNotAllowed(PayloadRefused):
+    """A request's `env` asks for something the site does not allow (an adapter, an unknown key)."""
+
+
+class UserCodeError(EdifError):
+    """The request's own code raised while it ran on the site.
+
+    The message is the remote traceback, limited to the user's frames, ending with the
+    exception line; the client shows it verbatim as its `RemoteError`.
+    """
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class ResultNotSerializable(UserCodeError):
+    """A value the block saved cannot be pickled for the trip back to the client."""

@@ -16,7 +16,7 @@ __all__ = ["TINY_GPT2", "TINY_LLAMA", "ensure_all", "ensure_model", "load", "mod
 
 
 def load(repo_id: str, *, dispatch: bool = False, home: Path | None = None, **kwargs: Any):
-    """An nnsight TransformersModel (text-generation) for a demo model whose remote key names `repo_id`.
+    """A TransformersModel (text-generation) for a demo model; its remote key names `repo_id`.
 
     dispatch=False gives the meta model researchers use with remote=True; dispatch=True loads
     the weights for a local run (the reference remote results are compared against).

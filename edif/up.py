@@ -1,0 +1,233 @@
+"""`edif up --demo`: the whole mesh on one machine — broker, three demo sites, one local Ray.
+
+Flow: build the demo models and the broker's signing key under `$EDIF_HOME` → start a local
+Ray cluster in this process (the agents join it with `--ray-address`, so the machine runs one
+Ray, not three) → start three site agents and the broker as subprocesses on free loopback
+ports → ready when the broker's `/ping` answers → run until SIGINT/SIGTERM, then stop the
+children and Ray. Tests start this same command as a subprocess, so what they exercise is
+exactly what `make demo` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_SITES_DIR = REPO / "deploy" / "sites" / "demo"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class MeshState:
+    """What a running demo mesh wrote for tools and tests (`--state-file`)."""
+
+    broker_url: str
+    broker_pid: int
+    agents: dict[str, dict] = field(default_factory=dict)  # site -> {"pid", "port", "config"}
+    ray_address: str = ""
+    logs_dir: str = ""
+
+
+@dataclass
+class DemoOptions:
+    home: Path
+    port: int = 0
+    time_limit_s: float | None = None
+    heartbeat_s: float | None = None
+    inline_max_bytes: int | None = None
+    state_file: Path | None = None
+    sites_dir: Path = DEMO_SITES_DIR
+
+
+class DemoMesh:
+    def __init__(self, options: DemoOptions) -> None:
+        self.opt = options
+        self.run_dir = options.home / "run"
+        self.logs_dir = self.run_dir / "logs"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.state: MeshState | None = None
+
+    def start(self) -> MeshState:
+        from auth.keys import KeyStore
+        from edif.demo.models import ensure_all
+        from site_agent import ray_pool
+
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        ensure_all(self.opt.home)
+        keys = KeyStore(self.opt.home / "keys")
+        keys.signing_key()
+        jwks_file = self.run_dir / "broker-jwks.json"
+        jwks_file.write_text(json.dumps(keys.jwks()))
+        ray_pool.connect(None, num_cpus=os.cpu_count())
+        import ray
+
+        ray_address = ray.get_runtime_context().gcs_address
+        agents = self._start_agents(ray_address, jwks_file)
+        broker_port = self.opt.port or free_port()
+        self._start_broker(broker_port, agents)
+        self.state = MeshState(
+            broker_url=f"http://127.0.0.1:{broker_port}",
+            broker_pid=self.procs["broker"].pid,
+            agents=agents,
+            ray_address=ray_address,
+            logs_dir=str(self.logs_dir),
+        )
+        self._wait_ping(self.state.broker_url)
+        if self.opt.state_file:
+            self.opt.state_file.write_text(json.dumps(asdict(self.state), indent=2))
+        return self.state
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["EDIF_HOME"] = str(self.opt.home)
+        env["HF_HUB_OFFLINE"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs[name] = proc
+        return proc
+
+    def _start_agents(self, ray_address: str, jwks_file: Path) -> dict[str, dict]:
+        agents: dict[str, dict] = {}
+        for config in sorted(self.opt.sites_dir.glob("*.yaml")):
+            from site_agent.config import load_site_config
+
+            site = load_site_config(config).site
+            port = free_port()
+            env = self._env()
+            if self.opt.time_limit_s:
+                env["EDIF_AGENT_EXECUTION_TIME_S"] = str(self.opt.time_limit_s)
+            argv = [
+                sys.executable,
+                "-m",
+                "edif",
+                "agent",
+                "run",
+                "--site",
+                str(config),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--ray-address",
+                ray_address,
+                "--broker-jwks",
+                str(jwks_file),
+            ]
+            proc = self._spawn(f"agent-{site}", argv, env)
+            agents[site] = {"pid": proc.pid, "port": port, "config": str(config)}
+        return agents
+
+    def _start_broker(self, port: int, agents: dict[str, dict]) -> None:
+        sites_file = self.run_dir / "sites.yaml"
+        sites = [{"name": s, "address": f"127.0.0.1:{a['port']}"} for s, a in agents.items()]
+        sites_file.write_text(json.dumps({"sites": sites}, indent=2))  # JSON is valid YAML
+        env = self._env()
+        env.update(
+            {
+                "EDIF_BROKER_HOST": "127.0.0.1",
+                "EDIF_BROKER_PORT": str(port),
+                "EDIF_BROKER_SITES_FILE": str(sites_file),
+                "EDIF_BROKER_DATA_DIR": str(self.run_dir / "broker"),
+            }
+        )
+        if self.opt.heartbeat_s:
+            env["EDIF_BROKER_HEARTBEAT_S"] = str(self.opt.heartbeat_s)
+        if self.opt.inline_max_bytes is not None:
+            env["EDIF_BROKER_INLINE_MAX_BYTES"] = str(self.opt.inline_max_bytes)
+        self._spawn("broker", [sys.executable, "-m", "edif", "broker", "run"], env)
+
+    def _wait_ping(self, url: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_children()
+            try:
+                if httpx.get(f"{url}/ping", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"broker did not answer /ping within {timeout_s:g} s; see {self.logs_dir}/broker.log"
+        )
+
+    def _check_children(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with code {proc.returncode}; see {self.logs_dir}/{name}.log"
+                )
+
+    def wait_models(self, timeout_s: float = 180.0) -> dict:
+        """Block until /status lists every demo deployment as RUNNING; return the status."""
+        assert self.state is not None
+        deadline = time.monotonic() + timeout_s
+        status: dict = {}
+        while time.monotonic() < deadline:
+            self._check_children()
+            status = httpx.get(f"{self.state.broker_url}/status", timeout=5.0).json()
+            states = [d.get("application_state") for d in status.get("deployments", {}).values()]
+            if states and all(s == "RUNNING" for s in states) and len(states) >= 4:
+                return status
+            time.sleep(0.5)
+        raise RuntimeError(f"models not RUNNING within {timeout_s:g} s: {status}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def run_foreground(options: DemoOptions, wait_models: bool) -> None:
+    """Start the mesh, print where it is, and run until SIGINT/SIGTERM."""
+    mesh = DemoMesh(options)
+    stopping = False
+
+    def _stop(signum, frame) -> None:  # noqa: ARG001
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        state = mesh.start()
+        print(
+            f"eDIF mesh (demo) broker at {state.broker_url}; logs in {state.logs_dir}", flush=True
+        )
+        if wait_models:
+            mesh.wait_models()
+            print("all demo models RUNNING", flush=True)
+        while not stopping:
+            mesh._check_children()
+            time.sleep(0.5)
+    finally:
+        mesh.stop()

@@ -1,0 +1,124 @@
+"""Site configuration: one YAML file per institution, validated once at agent start.
+
+The file says who the site is, which models it hosts (Hub repo id, revision, task, and where
+the weights come from), how the agent listens, which broker it trusts and the execution
+limits. `${VAR}` in `source` paths is expanded (the demo points at `${EDIF_HOME}/models/...`).
+Anything invalid fails at start with one ConfigError naming the field, never at request time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edif.errors import ConfigError
+
+MODEL_CLASS = "nnsight.modeling.transformers.TransformersModel"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    repo_id: str = Field(min_length=1, description="Hub-canonical repo id researchers name")
+    revision: str | None = None
+    task: str = "text-generation"
+    # Where the weights come from: None = the Hub repo itself; else a local folder.
+    source: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
+    device_map: str = "auto"
+    cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved for the worker")
+    torch_threads: int = Field(default=1, ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return os.path.expandvars(value) if value else value
+
+    @property
+    def model_key(self) -> str:
+        """The key a researcher's client sends for this model (nnsight's json.dumps layout)."""
+        suffix = json.dumps({"repo_id": self.repo_id, "revision": self.revision, "task": self.task})
+        return f"{MODEL_CLASS}:{suffix}"
+
+    @property
+    def load_from(self) -> str:
+        return self.source or self.repo_id
+
+
+class HardwareConfig(_Strict):
+    """What the site declares; the agent reports what it detects beside it."""
+
+    accelerator: Literal["cuda", "rocm", "cpu"] = "cpu"
+    device_type: str = "CPU"
+    count: int = Field(default=1, ge=0)
+    memory_gb: float = Field(default=0, ge=0)
+
+
+class BrokerTrust(_Strict):
+    # JWKS of the broker whose signed credentials this agent accepts: a file path or an
+    # http(s) URL (the broker serves /.well-known/jwks.json). Only public keys: the agent
+    # and its workers hold no secret.
+    jwks: str = ""
+    issuer: str = "edif"
+
+    @field_validator("jwks")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return os.path.expandvars(value)
+
+
+class Limits(_Strict):
+    execution_time_s: float = Field(default=300.0, gt=0)
+    max_queue_per_model: int = Field(default=64, ge=1)
+    result_chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+
+
+class SchedulerConfig(_Strict):
+    kind: Literal["none", "slurm"] = "none"
+    options: dict[str, str] = Field(default_factory=dict)
+
+
+class SiteConfig(_Strict):
+    site: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    institution: str = ""
+    listen: str = "127.0.0.1:50051"
+    broker: BrokerTrust = BrokerTrust()
+    hardware: HardwareConfig = HardwareConfig()
+    limits: Limits = Limits()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    container: dict[str, str] = Field(default_factory=dict)
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        keys = [m.model_key for m in models]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"models listed twice: {dupes}")
+        return models
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site YAML; every problem becomes one ConfigError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read site config {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"site config {path} must be a YAML mapping")
+    try:
+        return SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid site config {path}: {problems}") from exc

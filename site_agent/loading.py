@@ -1,0 +1,31 @@
+"""Load one configured deployment with nnsight's own machinery.
+
+The site decides what it serves: models come from the site config (Hub repo id, or a local
+folder for offline use), never from request data, so a client-chosen model key can never make
+the site import a module or download code (spec §8.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from site_agent.config import ModelConfig
+
+
+def load_model(cfg: ModelConfig) -> Any:
+    """A dispatched nnsight TransformersModel with real weights in eval mode."""
+    import torch
+    from nnsight import TransformersModel
+
+    kwargs: dict[str, Any] = {"dispatch": True, "device_map": cfg.device_map}
+    if cfg.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, cfg.dtype)
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    model = TransformersModel(cfg.load_from, task=cfg.task, **kwargs)
+    model._model.eval()
+    return model
+
+
+def parameter_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model._model.parameters())

@@ -1,0 +1,106 @@
+"""Model workers as Ray actors: start, stream a job's updates, kill.
+
+The agent connects to an existing Ray cluster (`--ray-address`) or starts a local one. Each
+configured model gets its own actor process. The agent holds no secret (it verifies the broker
+with public keys only); before it starts a local Ray it also drops any secret-looking variable
+from its own environment, which the Ray processes and so the workers would inherit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+
+from site_agent.config import ModelConfig
+from site_agent.slots import WorkerDied
+
+log = logging.getLogger("edif.agent.ray")
+
+# Variables a worker may inherit; anything else (tokens, cloud credentials) stays out.
+_WORKER_ENV_ALLOW = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS")
+
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|PRIVATE|CREDENTIAL", re.I)
+
+
+def scrub_environment() -> list[str]:
+    """Remove secret-looking variables from this process's environment; return their names."""
+    names = [k for k in os.environ if _SECRET_NAME.search(k)]
+    for name in names:
+        del os.environ[name]
+    return names
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at `address`, or start a local one for this agent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    dropped = scrub_environment()
+    if dropped:
+        log.warning(
+            "removed %d secret-looking variables before starting Ray: %s",
+            len(dropped),
+            ", ".join(sorted(dropped)),
+        )
+    # Local/test clusters: no token auth and no usage report. Production clusters set their
+    # own RAY_AUTH_MODE before the agent starts (see README, "Ray in production").
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    if address:
+        ray.init(address=address, namespace="edif", log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, namespace="edif", include_dashboard=False, log_to_driver=False)
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in _WORKER_ENV_ALLOW if k in os.environ}
+
+
+class RayWorkerHandle:
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    async def execute(self, payload: bytes, compress: bool, env_json: str) -> AsyncIterator[tuple]:
+        from ray.exceptions import RayActorError
+
+        gen = self.actor.execute.options(num_returns="streaming").remote(
+            payload, compress, env_json
+        )
+        try:
+            async for ref in gen:
+                yield await ref
+        except RayActorError as exc:
+            raise WorkerDied(type(exc).__name__) from exc
+
+    def kill(self) -> None:
+        import ray
+
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - already gone is fine
+            log.debug("kill: %s", exc)
+
+
+class RayWorkerFactory:
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+
+    async def start(self, cfg: ModelConfig) -> RayWorkerHandle:
+        import ray
+
+        from site_agent.worker import ModelWorker
+
+        actor_cls = ray.remote(ModelWorker)
+        actor = actor_cls.options(
+            num_cpus=cfg.cpus,
+            max_restarts=0,
+            runtime_env={"env_vars": _worker_env()},
+        ).remote(cfg.model_dump_json(), self.chunk_bytes)
+        info = await actor.info.remote()
+        log.info("worker for %s ready (pid %s)", cfg.repo_id, info["pid"])
+        return RayWorkerHandle(actor)
