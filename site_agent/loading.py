@@ -22,10 +22,9 @@ def load_model(cfg: ModelConfig) -> Any:
         kwargs["dtype"] = getattr(torch, cfg.dtype)
     if cfg.revision:
         kwargs["revision"] = cfg.revision
-    model = TransformersModel(cfg.load_from, task=cfg.task, **kwargs)
-    model._model.eval()
-    return model
+    # dispatch=True builds the pipeline with real weights in eval mode (spec §10 step 2).
+    return TransformersModel(cfg.load_from, task=cfg.task, **kwargs)
 
 
 def parameter_bytes(model: Any) -> int:
-    return sum(p.numel() * p.element_size() for p in model._model.parameters())
+    return sum(p.numel() * p.element_size() for p in model._module.parameters())

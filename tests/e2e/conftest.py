@@ -1,0 +1,136 @@
+"""A real mesh for end-to-end tests: `edif up --demo` as a subprocess, plus a second broker.
+
+The first broker delivers small results inline (binary websocket frame); the second, started
+against the same three agents, has an inline limit of 0 and so delivers every result by URL.
+Conformance tests run against both. Researchers' tokens are issued with the mesh's own keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from auth.keys import KeyStore
+from auth.roles import Role
+from auth.tokens import TokenIssuer
+from edif.up import free_port
+
+TIME_LIMIT_S = 8.0
+
+
+@dataclass
+class Mesh:
+    home: Path
+    url: str  # inline delivery
+    url_only: str  # URL delivery
+    state: dict
+    issuer: TokenIssuer
+
+    def token(
+        self, sub: str = "alice@uni-example.eu", role: Role = Role.RESEARCHER, ttl_s: int = 3600
+    ) -> str:
+        return self.issuer.issue(sub, role, ttl_s)
+
+    def log(self, name: str) -> str:
+        path = Path(self.state["logs_dir"]) / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _wait_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"edif up exited with {proc.returncode}")
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.2)
+    raise RuntimeError("edif up did not become ready")
+
+
+def _wait_running(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        deployments = httpx.get(f"{url}/status", timeout=5).json().get("deployments", {})
+        states = [d["application_state"] for d in deployments.values()]
+        if len(states) >= 4 and all(s == "RUNNING" for s in states):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"models not RUNNING at {url}: {deployments}")
+
+
+def _second_broker(home: Path, logs: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "EDIF_HOME": str(home),
+        "EDIF_BROKER_HOST": "127.0.0.1",
+        "EDIF_BROKER_PORT": str(port),
+        "EDIF_BROKER_SITES_FILE": str(home / "run" / "sites.yaml"),
+        "EDIF_BROKER_DATA_DIR": str(home / "run" / "broker-url-only"),
+        "EDIF_BROKER_INLINE_MAX_BYTES": "0",
+        "EDIF_BROKER_HEARTBEAT_S": "1",
+    }
+    log = open(logs / "broker-url-only.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edif", "broker", "run"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("edif-home")
+    state_file = home / "mesh.json"
+    env = {**os.environ, "EDIF_HOME": str(home)}
+    argv = [
+        sys.executable,
+        "-m",
+        "edif",
+        "up",
+        "--demo",
+        "--state-file",
+        str(state_file),
+        "--time-limit",
+        str(TIME_LIMIT_S),
+        "--heartbeat",
+        "1",
+    ]
+    out = open(home / "edif-up.log", "ab")  # noqa: SIM115
+    up = subprocess.Popen(
+        argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    second = None
+    try:
+        state = _wait_file(state_file, up, 180)
+        second, url_only = _second_broker(home, Path(state["logs_dir"]))
+        _wait_running(state["broker_url"], 240)
+        _wait_running(url_only, 60)
+        issuer = TokenIssuer(KeyStore(home / "keys"))
+        yield Mesh(home, state["broker_url"], url_only, state, issuer)
+    finally:
+        if second is not None:
+            _stop(second)
+        _stop(up)
