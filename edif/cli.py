@@ -200,9 +200,8 @@ def broker() -> None:
 @broker.command("run")
 def broker_run() -> None:
     """Serve the nnsight-compatible API (settings from EDIF_BROKER_* variables)."""
-    from broker.main import run
-
     from broker.config import BrokerSettings
+    from broker.main import run
 
     with edif_errors():
         run(BrokerSettings())

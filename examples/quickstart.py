@@ -27,15 +27,17 @@ PROMPT = "The capital of France is"
 
 # Logit lens: read every layer's last-token state through the final norm and unembedding.
 with model.trace(PROMPT, remote=True):  # 3. remote=True
-    lens = []
+    tops = []
     for layer in model.transformer.h:
         state = model.transformer.ln_f(layer.output[:, -1, :])
-        lens.append(model.lm_head(state).argmax(dim=-1).save())
+        tops.append(model.lm_head(state).argmax(dim=-1))
+    lens = torch.stack(tops).save()  # [layers, 1]
     logits = model.lm_head.output[:, -1, :].save()
 
 print("logit lens, top token per layer:")
 for i, top in enumerate(lens):
     print(f"  layer {i}: {model.tokenizer.decode(top)!r}")
+assert lens.shape == (len(model.transformer.h), 1)
 print("final prediction:", repr(model.tokenizer.decode(logits.argmax(dim=-1))))
 
 # Activation patching: carry the last-token state of a clean run into a corrupt run.
