@@ -55,6 +55,15 @@ class SiteCatalog:
         hosting = [view for view in reachable if key and view.deployment_for(key)]
         return {v for view in hosting or reachable if (v := view.versions.get("nnsight"))}
 
+    def mark_unreachable(self, name: str) -> None:
+        """Take a site out of routing at once (a job just lost it); Describe brings it back."""
+        view = self._views.get(name)
+        if view is not None and view.reachable:
+            log.warning("site %s failed a job; no new work until it answers Describe", name)
+            self._views[name] = SiteView(
+                name, False, view.deployments, view.versions, view.allowed_groups
+            )
+
     def ever_described(self) -> bool:
         return bool(self._descriptions)
 
@@ -95,7 +104,9 @@ class SiteCatalog:
             previous = self._views[name]
             if previous.reachable:
                 log.warning("site %s became unreachable: %s", name, error.message)
-            self._views[name] = SiteView(name, False, previous.deployments, previous.versions)
+            self._views[name] = SiteView(
+                name, False, previous.deployments, previous.versions, previous.allowed_groups
+            )
             return
         if not self._views[name].reachable:
             log.info("site %s is reachable (%d models)", name, len(description.models))
@@ -113,6 +124,18 @@ def site_view(name: str, description: pb.SiteDescription) -> SiteView:
             log.error("site %s reports an unusable model key: %s", name, error.message)
             continue
         deployments.append(
-            DeploymentView(key, model.model_key, model.state, int(model.queue_depth))
+            DeploymentView(
+                key,
+                model.model_key,
+                model.state,
+                int(model.queue_depth),
+                float(model.recent_execution_s),
+            )
         )
-    return SiteView(name, True, tuple(deployments), dict(description.versions))
+    return SiteView(
+        name,
+        True,
+        tuple(deployments),
+        dict(description.versions),
+        frozenset(description.allowed_groups),
+    )

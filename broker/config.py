@@ -81,7 +81,7 @@ class BrokerSettings(BaseSettings):
     job_retention_s: float = 24 * 3600.0
     heartbeat_s: float = 15.0
     # How many sites a job may be tried on when a site fails before running it to the end.
-    dispatch_attempts: int = 1
+    dispatch_attempts: int = 3
     job_time_limit_s: float = 0.0  # 0: each site's own default
 
     describe_refresh_s: float = 30.0

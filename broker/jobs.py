@@ -78,6 +78,7 @@ class Job:
     owner_pseudonym: str
     submission: Submission
     created_at: float  # wall clock, seconds since the epoch
+    owner_groups: tuple[str, ...] = ()  # for site sovereignty in routing
     payload: bytes = field(default=b"", repr=False)  # kept for re-dispatch, dropped at the end
     state: JobState = JobState.RECEIVED
     site: str | None = None

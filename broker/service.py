@@ -123,7 +123,8 @@ class BrokerService:
         version = admission.check_client_version(
             headers.get("nnsight-version"), self._catalog.served_versions(key)
         )
-        self._route(key, version, exclude=())  # 404 / 503 now, rather than an ERROR later
+        # 404 / 403 / 503 now, rather than an ERROR later
+        self._route(key, version, exclude=(), groups=tuple(identity.groups))
         job = self._new_job(identity, request, key, version, payload, base_url)
         if request.session_id:
             self._sessions.claim(request.session_id, identity.sub, job.id, self._busy)
@@ -163,6 +164,7 @@ class BrokerService:
             id=new_job_id(),
             owner_sub=identity.sub,
             owner_pseudonym=self._pseudonymize(identity.sub),
+            owner_groups=tuple(identity.groups),
             submission=submission,
             created_at=self._clock.now(),
             payload=payload,
@@ -213,12 +215,13 @@ class BrokerService:
     async def _dispatch(self, job: Job) -> None:
         """Run the job on the best site; on a site failure, on the next best while allowed."""
         sub = job.submission
-        route = self._route(sub.model_key, sub.client_version or None, exclude=())
+        route = self._route(sub.model_key, sub.client_version or None, (), job.owner_groups)
         while True:
             try:
                 await self._execute_on(job, route)
                 return
             except SiteUnavailable as failure:
+                self._catalog.mark_unreachable(route.site.name)
                 route = self._reroute(job, failure)
                 await self._advance(
                     job, JobState.QUEUED, f"{failure.message} Your job is queued for another site."
@@ -230,7 +233,9 @@ class BrokerService:
             raise failure
         sub = job.submission
         try:
-            return self._route(sub.model_key, sub.client_version or None, exclude=job.attempts)
+            return self._route(
+                sub.model_key, sub.client_version or None, job.attempts, job.owner_groups
+            )
         except EdifError:
             raise failure from None
 
@@ -396,10 +401,16 @@ class BrokerService:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _route(self, key: ModelKey, version: str | None, exclude: Collection[str]) -> Route:
+    def _route(
+        self,
+        key: ModelKey,
+        version: str | None,
+        exclude: Collection[str],
+        groups: Collection[str],
+    ) -> Route:
         if not self._catalog.ever_described():
             raise SiteUnavailable("No site has registered with this broker yet; try again soon.")
-        return choose_site(key, self._catalog.views(), version, exclude)
+        return choose_site(key, self._catalog.views(), version, exclude, groups)
 
     def _busy(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)

@@ -2,8 +2,10 @@
 
 Pure functions over the catalog's last Describe replies. `/status` lists one entry per model
 replica, named `<site>/<repo_id>`, in the `deployments` shape `nnsight.status()` folds by
-model key; a site that stopped answering shows its models as UNHEALTHY. `/env` reports the
-pinned site environment (`nnsight.compare()` flags nnsight/torch/transformers mismatches).
+model key; a site that stopped answering shows its models as UNHEALTHY at deployment level
+COLD, which `nnsight.status()` leaves out and `is_model_running` reads as not running.
+`/env` reports the pinned site environment (`nnsight.compare()` flags nnsight, torch and
+transformers mismatches).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _entry(model: pb.ModelDeployment, reachable: bool) -> dict[str, Any]:
         "revision": model.revision or "main",
         "task": model.task or None,
         "trust_remote_code": model.trust_remote_code,
-        "deployment_level": "HOT",
+        "deployment_level": "HOT" if reachable else "COLD",
         "application_state": state if reachable else "UNHEALTHY",
         "queue_depth": model.queue_depth,
     }

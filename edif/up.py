@@ -4,8 +4,10 @@ Flow: build the demo models and the broker's signing key under `$EDIF_HOME` → 
 Ray cluster in this process (the agents join it with `--ray-address`, so the machine runs one
 Ray, not three) → start three site agents and the broker as subprocesses on free loopback
 ports → ready when the broker's `/ping` answers → run until SIGINT/SIGTERM, then stop the
-children and Ray. Tests start this same command as a subprocess, so what they exercise is
-exactly what `make demo` runs.
+children and Ray. While running it supervises the agents like a service manager would: an agent
+that dies (a crash, or `kill -9` in a failover test) is restarted after a short backoff and
+rejoins; the broker dying ends the mesh. Tests start this same command as a subprocess, so
+what they exercise is exactly what `make demo` runs.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DemoOptions:
     inline_max_bytes: int | None = None
     state_file: Path | None = None
     sites_dir: Path = DEMO_SITES_DIR
+    restart_backoff_s: float = 2.0
 
 
 class DemoMesh:
@@ -60,6 +63,8 @@ class DemoMesh:
         self.run_dir = options.home / "run"
         self.logs_dir = self.run_dir / "logs"
         self.procs: dict[str, subprocess.Popen] = {}
+        self.argv: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.died_at: dict[str, float] = {}
         self.state: MeshState | None = None
 
     def start(self) -> MeshState:
@@ -88,9 +93,14 @@ class DemoMesh:
             logs_dir=str(self.logs_dir),
         )
         self._wait_ping(self.state.broker_url)
-        if self.opt.state_file:
-            self.opt.state_file.write_text(json.dumps(asdict(self.state), indent=2))
+        self._write_state()
         return self.state
+
+    def _write_state(self) -> None:
+        if self.opt.state_file and self.state:
+            tmp = self.opt.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(self.state), indent=2))
+            tmp.replace(self.opt.state_file)
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -227,7 +237,7 @@ def run_foreground(options: DemoOptions, wait_models: bool) -> None:
             mesh.wait_models()
             print("all demo models RUNNING", flush=True)
         while not stopping:
-            mesh._check_children()
+            mesh.supervise()
             time.sleep(0.5)
     finally:
         mesh.stop()

@@ -70,7 +70,7 @@ class Hardware(_message.Message):
     def __init__(self, vendor: _Optional[str] = ..., device_type: _Optional[str] = ..., count: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class SiteDescription(_message.Message):
-    __slots__ = ("site", "institution", "models", "versions", "hardware", "capacity")
+    __slots__ = ("site", "institution", "models", "versions", "hardware", "capacity", "allowed_groups", "max_concurrent_jobs")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,13 +84,17 @@ class SiteDescription(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
     site: str
     institution: str
     models: _containers.RepeatedCompositeFieldContainer[ModelDeployment]
     versions: _containers.ScalarMap[str, str]
     hardware: Hardware
     capacity: int
-    def __init__(self, site: _Optional[str] = ..., institution: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelDeployment, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., capacity: _Optional[int] = ...) -> None: ...
+    allowed_groups: _containers.RepeatedScalarFieldContainer[str]
+    max_concurrent_jobs: int
+    def __init__(self, site: _Optional[str] = ..., institution: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelDeployment, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., capacity: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., max_concurrent_jobs: _Optional[int] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("job_id", "model_key", "payload", "compress", "env_json", "time_limit_s")

@@ -80,6 +80,15 @@ class Limits(_Strict):
     result_chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
 
 
+class AccessPolicy(_Strict):
+    """Site sovereignty: who may use this site, and how much of it at once."""
+
+    # Groups (institution or project names in the researcher's token) this site serves;
+    # empty means every authenticated researcher of the federation.
+    allowed_groups: list[str] = Field(default_factory=list)
+    max_concurrent_jobs: int = Field(default=0, ge=0, description="0: one per model worker")
+
+
 class SchedulerConfig(_Strict):
     kind: Literal["none", "slurm"] = "none"
     options: dict[str, str] = Field(default_factory=dict)
@@ -92,6 +101,7 @@ class SiteConfig(_Strict):
     broker: BrokerTrust = BrokerTrust()
     hardware: HardwareConfig = HardwareConfig()
     limits: Limits = Limits()
+    access: AccessPolicy = AccessPolicy()
     scheduler: SchedulerConfig = SchedulerConfig()
     container: dict[str, str] = Field(default_factory=dict)
     models: list[ModelConfig] = Field(min_length=1)

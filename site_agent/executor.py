@@ -99,6 +99,8 @@ class PoolExecutor:
                 memory_bytes=hw.memory_bytes,
             ),
             capacity=len(self.slots),
+            allowed_groups=self.config.access.allowed_groups,
+            max_concurrent_jobs=self.config.access.max_concurrent_jobs or len(self.slots),
         )
 
     @staticmethod

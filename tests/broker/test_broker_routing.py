@@ -7,7 +7,7 @@ from broker_fakes import GPT2_KEY, LLAMA_KEY
 
 from broker.modelkey import parse_model_key
 from broker.routing import DeploymentView, SiteView, choose_site
-from edif.errors import Unavailable, UnknownModel
+from edif.errors import PermissionDenied, Unavailable, UnknownModel
 
 GPT2 = parse_model_key(GPT2_KEY)
 
@@ -70,3 +70,26 @@ def test_unknown_model_lists_what_is_hosted() -> None:
 def test_unknown_model_with_nothing_hosted() -> None:
     with pytest.raises(UnknownModel, match="none yet"):
         choose_site(GPT2, [SiteView("a", True)])
+
+
+def timed(name: str, queue: int, recent_s: float, groups: frozenset[str] = frozenset()) -> SiteView:
+    deployment = DeploymentView(GPT2, GPT2_KEY, "RUNNING", queue, recent_s)
+    return SiteView(name, True, (deployment,), {}, groups)
+
+
+def test_expected_wait_beats_a_shorter_queue_of_slow_jobs() -> None:
+    # a: 2 jobs of 0.1 s ahead (0.2 s); b: 1 job of 5 s ahead (5 s): a is the shorter wait.
+    assert choose_site(GPT2, [timed("b", 1, 5.0), timed("a", 2, 0.1)]).site.name == "a"
+    # Untimed sites fall back to the queue depth, then the name.
+    assert choose_site(GPT2, [timed("b", 1, 0.0), timed("a", 2, 0.0)]).site.name == "b"
+    assert choose_site(GPT2, [timed("b", 0, 3.0), timed("a", 0, 1.0)]).site.name == "a"
+
+
+def test_sovereignty_routes_only_to_sites_that_admit_the_users_groups() -> None:
+    fau_only = timed("a-fau", 0, 0.0, frozenset({"fau"}))
+    open_site = timed("z-open", 5, 1.0)
+    assert choose_site(GPT2, [fau_only, open_site], groups=["fau"]).site.name == "a-fau"
+    assert choose_site(GPT2, [fau_only, open_site], groups=["tum"]).site.name == "z-open"
+    assert choose_site(GPT2, [fau_only, open_site], groups=[]).site.name == "z-open"
+    with pytest.raises(PermissionDenied, match="do not serve your groups"):
+        choose_site(GPT2, [fau_only], groups=["tum"])

@@ -1,0 +1,765 @@
+"""What the mesh costs on top of a local nnsight run: a benchmark, not a test (no timing asserts).
+
+    .venv/bin/python bench/overhead.py [--runs N] [--quick] [--out FILE.json] [--no-1gib]
+
+Flow: build a temporary `$EDIF_HOME` with the demo models and a GPT-2-small-shaped random model
+(GPT2Config defaults: 12 layers, 768 dims, vocab 50257; the demo tokenizer, whose 400 ids are
+valid ids of that vocabulary) → write one bench-only site config hosting `edif-demo/tiny-gpt2`
+and that model → start the mesh with `DemoMesh` (broker + that site agent + one local Ray) in a
+child process, so Ray and the servers stay out of the measuring process → start two more
+brokers against the same agent: one that delivers every result by URL (inline limit 0) and one
+with a 128 MiB inline limit → drive them all with the unmodified nnsight 0.8.1 client:
+
+1. latency: a small trace (one layer output and the logits saved) run locally and with
+   `remote=True`, interleaved, p50/p95 after warm-ups; overhead = remote p50 - local p50.
+   Local runs use torch.set_num_threads(1), as the site workers do (site config torch_threads).
+   A second series with a thin `RemoteBackend` subclass that only records timestamps splits
+   the remote wall time into client-visible phases.
+2. result delivery: a trace that saves `torch.ones(n)` built inside the block (on the site, so
+   the upload stays small) for 1 MiB, 64 MiB and 1 GiB, minus a 1-float baseline → MB/s.
+   CONFIG.API.COMPRESS is False here: zstd over 1 GiB of ones would measure compression.
+3. result bytes of a saved last-token slice `h.output[:, -1, :]` against its own size and the
+   full hidden state, on the GPT-2-small-shaped model with a 10-token prompt: the bytes the
+   client actually received (the result blob handed to nnsight's `finalize`, the websocket
+   binary frame when inline) and the broker's `meta["result_bytes"]`.
+
+Prints a table; `--out` writes every figure as JSON. Figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/overhead.py` puts bench/, not the repo, on the path
+    sys.path.insert(0, str(REPO))
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MB = 1_000_000
+
+TINY = "edif-demo/tiny-gpt2"
+SMALL = "edif-bench/gpt2-small-random"
+SMALL_SEED = 20261127
+SITE = "bench"
+PROMPT = "The capital of France is"  # 8 tokens with the demo tokenizer
+PROMPT_10 = "The capital of germany is berlin"  # 10 tokens with the demo tokenizer
+SAVED_LAYER = {TINY: 1, SMALL: 5}
+TORCH_THREADS = 1  # the site config's torch_threads, and the local reference's
+
+SITE_YAML = """\
+# Bench-only site: the tiny demo GPT-2 and a GPT-2-small-shaped random model, on this machine.
+site: {site}
+institution: eDIF benchmark
+listen: 127.0.0.1:0
+hardware: {{accelerator: cpu, device_type: CPU, count: 1}}
+limits: {{execution_time_s: 600}}
+models:
+  - repo_id: {tiny}
+    task: text-generation
+    source: {tiny_dir}
+    dtype: float32
+    device_map: cpu
+    cpus: 0
+    torch_threads: {threads}
+  - repo_id: {small}
+    task: text-generation
+    source: {small_dir}
+    dtype: float32
+    device_map: cpu
+    cpus: 0
+    torch_threads: {threads}
+"""
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    data = sorted(values)
+    if not data:
+        return float("nan")
+    pos = (len(data) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def summary(values: list[float], scale: float = 1.0) -> dict[str, float]:
+    scaled = [v * scale for v in values]
+    return {
+        "n": len(scaled),
+        "p50": percentile(scaled, 50),
+        "p95": percentile(scaled, 95),
+        "min": min(scaled) if scaled else float("nan"),
+        "max": max(scaled) if scaled else float("nan"),
+        "mean": sum(scaled) / len(scaled) if scaled else float("nan"),
+    }
+
+
+# -- building the bench home ------------------------------------------------------------------
+
+
+def build_small_model(home: Path) -> Path:
+    """GPT-2-small shape (GPT2Config defaults), seeded random weights, the demo tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from edif.demo.models import ensure_model
+
+    target = home / "models" / SMALL
+    if (target / "model.safetensors").exists():
+        return target
+    tiny_dir = ensure_model(TINY, home)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / name, target / name)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    config = GPT2Config(  # n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    torch.manual_seed(SMALL_SEED)
+    GPT2LMHeadModel(config).eval().save_pretrained(target)
+    return target
+
+
+def write_site(home: Path, tiny_dir: Path, small_dir: Path) -> Path:
+    sites = home / "bench-sites"
+    sites.mkdir(parents=True, exist_ok=True)
+    text = SITE_YAML.format(
+        site=SITE,
+        tiny=TINY,
+        small=SMALL,
+        tiny_dir=tiny_dir,
+        small_dir=small_dir,
+        threads=TORCH_THREADS,
+    )
+    (sites / f"{SITE}.yaml").write_text(text)
+    return sites
+
+
+# -- the mesh (child processes) ---------------------------------------------------------------
+
+
+def serve_mesh(home: Path, sites_dir: Path, state_file: Path) -> None:
+    """Child-process entry: `edif up --demo`'s foreground loop with the bench site config."""
+    from edif.up import DemoOptions, run_foreground
+
+    run_foreground(DemoOptions(home=home, sites_dir=sites_dir, state_file=state_file), False)
+
+
+class Mesh:
+    """The mesh host process plus extra brokers; `stop()` ends everything it started."""
+
+    def __init__(self, home: Path, sites_dir: Path) -> None:
+        self.home = home
+        self.sites_dir = sites_dir
+        self.logs = home / "bench-logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        self.urls: dict[str, str] = {}
+        self.state: dict[str, Any] = {}
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["EDIF_HOME"] = str(self.home)
+        env["HF_HUB_OFFLINE"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        # 1 GiB results are files in each broker's data dir; let them go soon after the run.
+        env["EDIF_BROKER_RESULT_TTL_S"] = "90"
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        state_file = self.home / "mesh.json"
+        argv = [sys.executable, str(Path(__file__).resolve()), "--serve-mesh", str(self.home)]
+        argv += [str(self.sites_dir), str(state_file)]
+        host = self._spawn("mesh", argv, self._env())
+        deadline = time.monotonic() + 180
+        while not state_file.exists():
+            if host.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mesh did not start; see {self.logs} and {self.home}/run/logs")
+            time.sleep(0.2)
+        self.state = json.loads(state_file.read_text())
+        self.urls["default"] = self.state["broker_url"]
+        self._extra_broker("url-only", inline_max_bytes=0)
+        self._extra_broker("inline-128MiB", inline_max_bytes=128 * MiB)
+        for url in self.urls.values():
+            self._wait_running(url, 300)
+
+    def _extra_broker(self, name: str, inline_max_bytes: int) -> None:
+        from edif.up import free_port
+
+        port = free_port()
+        env = self._env()
+        env.update(
+            {
+                "EDIF_BROKER_HOST": "127.0.0.1",
+                "EDIF_BROKER_PORT": str(port),
+                "EDIF_BROKER_SITES_FILE": str(self.home / "run" / "sites.yaml"),
+                "EDIF_BROKER_DATA_DIR": str(self.home / "run" / f"broker-{name}"),
+                "EDIF_BROKER_INLINE_MAX_BYTES": str(inline_max_bytes),
+            }
+        )
+        self._spawn(f"broker-{name}", [sys.executable, "-m", "edif", "broker", "run"], env)
+        self.urls[name] = f"http://127.0.0.1:{port}"
+
+    def _wait_running(self, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        deployments: dict = {}
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a mesh process exited ({proc.args}); see {self.logs}")
+            try:
+                reply = httpx.get(f"{url}/status", timeout=5)
+                deployments = reply.json().get("deployments", {})
+            except (httpx.HTTPError, ValueError):
+                deployments = {}
+            states = [d.get("application_state") for d in deployments.values()]
+            if len(states) >= 2 and all(s == "RUNNING" for s in states):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"models not RUNNING at {url}: {deployments}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+def timed_backend_class() -> type:
+    """A `RemoteBackend` that records when each step happens and how many bytes arrived.
+
+    Every method calls the real client's own; only `time.perf_counter()` marks are added.
+    """
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    class TimedBackend(RemoteBackend):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.marks: dict[str, float] = {}
+            self.payload_bytes = 0
+            self.frame_bytes: int | None = None  # the binary websocket frame, when inline
+            self.blob_bytes: int | None = None  # the result blob handed to finalize
+            self.delivery = ""
+
+        def _mark(self, name: str) -> None:
+            self.marks.setdefault(name, time.perf_counter())
+
+        def _serialize(self, tracer: Any) -> bytes:
+            self._mark("serialize_start")
+            blob = super()._serialize(tracer)
+            self._mark("serialized")
+            self.payload_bytes = len(blob)
+            return blob
+
+        def _post(self, request: Any, blob: bytes) -> Any:
+            self._mark("post_start")
+            response = super()._post(request, blob)
+            self._mark("post_done")
+            return response
+
+        def parse(self, message: Any) -> Any:  # the base class's is a staticmethod
+            arrived = time.perf_counter()
+            if isinstance(message, bytes | bytearray):
+                self.frame_bytes = len(message)
+                self.marks.setdefault("frame_arrived", arrived)
+            response = super().parse(message)
+            self.marks.setdefault(f"ws_{response.status.value}", arrived)
+            if isinstance(message, bytes | bytearray):
+                self._mark("frame_parsed")
+            return response
+
+        def download_result(self, url: Any) -> Any:
+            if isinstance(url, bytes | bytearray):
+                self.delivery = "inline"
+            elif url:
+                self.delivery = "url"
+                self._mark("download_start")
+            return super().download_result(url)
+
+        def finalize(self, content: bytes) -> Any:
+            self._mark("finalize_start")
+            self.blob_bytes = len(content)
+            result = super().finalize(content)
+            self._mark("finalize_done")
+            return result
+
+    return TimedBackend
+
+
+class Client:
+    def __init__(self, mesh: Mesh) -> None:
+        import torch
+        from nnsight import CONFIG, TransformersModel
+        from nnsight.modeling import huggingface
+
+        from auth.keys import KeyStore
+        from auth.roles import Role
+        from auth.tokens import TokenIssuer
+        from edif.demo.models import model_dir
+
+        torch.set_num_threads(TORCH_THREADS)
+        self.torch = torch
+        self.config = CONFIG
+        self.mesh = mesh
+        token = TokenIssuer(KeyStore(mesh.home / "keys")).issue(
+            "bench@edif.example", Role.RESEARCHER, 6 * 3600
+        )
+        CONFIG.API.APIKEY = token
+        CONFIG.APP.REMOTE_LOGGING = False  # no status lines / progress bars in the timings
+        self.use("default", compress=True)
+        self.remote: dict[str, Any] = {}
+        self.local: dict[str, Any] = {}
+        for repo_id in (TINY, SMALL):
+            path = str(model_dir(repo_id, mesh.home))
+            huggingface._ID_CACHE[path] = repo_id
+            self.remote[repo_id] = TransformersModel(path, task="text-generation")
+            self.local[repo_id] = TransformersModel(path, task="text-generation", dispatch=True)
+        self.Timed = timed_backend_class()
+
+    def use(self, broker: str, compress: bool) -> None:
+        self.config.API.HOST = self.mesh.urls[broker]
+        self.config.API.COMPRESS = compress
+
+    def timed(self, model: Any) -> Any:
+        return self.Timed(model.to_model_key(), env=model._remoteable_get_env())
+
+
+def small_trace(model: Any, layer: int, **kw: Any) -> tuple[dict, Any]:
+    """The latency workload: one layer's output and the logits, saved."""
+    with model.trace(PROMPT, **kw) as tracer:
+        h = model.transformer.h[layer].output.save()
+        logits = model.lm_head.output.save()
+    return {"h": h, "logits": logits}, tracer
+
+
+def ones_trace(model: Any, n: int, **kw: Any) -> tuple[dict, Any]:
+    """The delivery workload: `n` float32 ones made on the site, saved; nothing else."""
+    import torch
+
+    with model.trace(PROMPT, **kw) as tracer:
+        x = torch.ones(n).save()
+    return {"x": x}, tracer
+
+
+def slice_trace(model: Any, layer: int, full: bool, **kw: Any) -> tuple[dict, Any]:
+    with model.trace(PROMPT_10, **kw) as tracer:
+        if full:
+            h = model.transformer.h[layer].output.save()
+        else:
+            h = model.transformer.h[layer].output[:, -1, :].save()
+    return {"h": h}, tracer
+
+
+def clock(fn: Callable[[], tuple[dict, Any]]) -> tuple[float, dict, Any]:
+    gc.collect()
+    start = time.perf_counter()
+    out, tracer = fn()
+    return time.perf_counter() - start, out, tracer
+
+
+# -- 1. latency -------------------------------------------------------------------------------
+
+PHASES = (  # (name, from mark, to mark), all on the client's clock
+    ("capture (block source, trace setup)", "start", "serialize_start"),
+    ("serialize request", "serialize_start", "serialized"),
+    ("ws connect + session id", "serialized", "post_start"),
+    ("HTTP POST /request (until RECEIVED)", "post_start", "post_done"),
+    ("POST reply -> RUNNING frame", "post_done", "ws_RUNNING"),
+    ("RUNNING -> COMPLETED frame", "ws_RUNNING", "ws_COMPLETED"),
+    ("  of which site block execution_s", None, None),
+    ("unpickle inline frame", "frame_arrived", "frame_parsed"),
+    ("download by URL", "download_start", "finalize_start"),
+    ("decompress + torch.load result", "finalize_start", "finalize_done"),
+    ("push saves, exit trace", "finalize_done", "end"),
+)
+
+
+def breakdown(backend: Any, start: float, end: float) -> dict[str, float]:
+    marks = {**backend.marks, "start": start, "end": end}
+    out: dict[str, float] = {}
+    for name, a, b in PHASES:
+        if a is None:
+            meta = backend.meta or {}
+            if "execution_s" in meta:
+                out[name] = meta["execution_s"]
+        elif a in marks and b in marks:
+            out[name] = marks[b] - marks[a]
+    return out
+
+
+def bench_latency(client: Client, repo_id: str, runs: int, warmups: int) -> dict[str, Any]:
+    remote, local = client.remote[repo_id], client.local[repo_id]
+    layer = SAVED_LAYER[repo_id]
+    client.use("default", compress=True)
+    for _ in range(warmups):
+        small_trace(local, layer)
+        small_trace(remote, layer, remote=True)
+    t_local, t_remote, execution, result_bytes, queue = [], [], [], [], []
+    for _ in range(runs):  # interleaved, so drift (other load on the machine) hits both alike
+        t, _out, _ = clock(lambda: small_trace(local, layer))
+        t_local.append(t)
+        t, _out, tracer = clock(lambda: small_trace(remote, layer, remote=True))
+        t_remote.append(t)
+        meta = tracer.backend.meta or {}
+        execution.append(meta.get("execution_s", float("nan")))
+        result_bytes.append(meta.get("result_bytes", 0))
+        queue.append(meta.get("queue_s", float("nan")))
+    # The same again through the timestamping backend, for the phase breakdown.
+    for _ in range(warmups):
+        small_trace(remote, layer, backend=client.timed(remote))
+    phases: dict[str, list[float]] = {}
+    t_timed = []
+    for _ in range(runs):
+        backend = client.timed(remote)
+        gc.collect()
+        start = time.perf_counter()
+        small_trace(remote, layer, backend=backend)
+        end = time.perf_counter()
+        t_timed.append(end - start)
+        for name, value in breakdown(backend, start, end).items():
+            phases.setdefault(name, []).append(value)
+    local_s, remote_s = summary(t_local, 1e3), summary(t_remote, 1e3)
+    return {
+        "model": repo_id,
+        "saved": f"transformer.h[{layer}].output, lm_head.output",
+        "prompt": PROMPT,
+        "local_ms": local_s,
+        "remote_ms": remote_s,
+        "overhead_p50_ms": remote_s["p50"] - local_s["p50"],
+        "site_execution_ms": summary(execution, 1e3),
+        "queue_ms": summary(queue, 1e3),
+        "result_bytes": int(percentile(result_bytes, 50)),
+        "compress": True,
+        "timed_backend_ms": summary(t_timed, 1e3),
+        "phases_p50_ms": {k: percentile(v, 50) * 1e3 for k, v in phases.items()},
+    }
+
+
+def bench_floor(client: Client, runs: int) -> dict[str, Any]:
+    """What the client's protocol costs with no job at all: new HTTP client + GET /ping, and
+    websocket connect + session id + close (nnsight opens both anew for every request)."""
+    import websocket
+
+    url = client.mesh.urls["default"]
+    ws_url = "ws://" + url.split("://", 1)[1] + "/subscribe"
+    ping, ws = [], []
+    for i in range(runs + 3):
+        start = time.perf_counter()
+        with httpx.Client(timeout=10) as http:
+            http.get(f"{url}/ping").raise_for_status()
+        mid = time.perf_counter()
+        conn = websocket.create_connection(ws_url)
+        conn.recv()
+        conn.close()
+        end = time.perf_counter()
+        if i >= 3:
+            ping.append(mid - start)
+            ws.append(end - mid)
+    return {"http_ping_ms": summary(ping, 1e3), "ws_subscribe_ms": summary(ws, 1e3)}
+
+
+# -- 2. result delivery -----------------------------------------------------------------------
+
+
+def run_ones(client: Client, n: int) -> dict[str, Any]:
+    model = client.remote[TINY]
+    backend = client.timed(model)
+    wall, out, _ = clock(lambda: ones_trace(model, n, backend=backend))
+    if out["x"].numel() != n:  # a correctness check, not a timing one
+        raise RuntimeError(f"the saved tensor came back with {out['x'].numel()} elements")
+    del out
+    gc.collect()
+    meta = backend.meta or {}
+    marks = backend.marks
+    return {
+        "wall_s": wall,
+        "execution_s": meta.get("execution_s"),
+        "result_bytes": meta.get("result_bytes"),
+        "delivery": backend.delivery,
+        "running_to_completed_s": marks.get("ws_COMPLETED", 0) - marks.get("ws_RUNNING", 0),
+        "download_s": marks.get("finalize_start", 0) - marks.get("download_start", 0)
+        if "download_start" in marks
+        else None,
+        "unpickle_frame_s": marks.get("frame_parsed", 0) - marks.get("frame_arrived", 0)
+        if "frame_arrived" in marks
+        else None,
+        "finalize_s": marks.get("finalize_done", 0) - marks.get("finalize_start", 0),
+    }
+
+
+def p50_of(samples: list[dict[str, Any]], key: str) -> float | None:
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return percentile(values, 50) if values else None
+
+
+def bench_delivery(client: Client, quick: bool, big: bool, runs: int) -> list[dict[str, Any]]:
+    cases = [  # (label, bytes, broker, runs)
+        ("1 MiB", MiB, "default", 3 if quick else 10),
+        ("1 MiB", MiB, "url-only", 3 if quick else 10),
+        ("64 MiB", 64 * MiB, "default", 2 if quick else 5),
+        ("64 MiB", 64 * MiB, "inline-128MiB", 2 if quick else 5),
+    ]
+    if big:
+        cases.append(("1 GiB", GiB, "default", 1 if quick else 3))
+    rows = []
+    for label, nbytes, broker, n_runs in cases:
+        client.use(broker, compress=False)
+        for _ in range(2):
+            run_ones(client, 1)  # warm this broker's path
+        base = [run_ones(client, 1)["wall_s"] for _ in range(max(5, runs // 3))]
+        if nbytes < GiB:
+            run_ones(client, nbytes // 4)  # warm-up at this size
+        samples = [run_ones(client, nbytes // 4) for _ in range(n_runs)]
+        walls = [s["wall_s"] for s in samples]
+        base_p50, wall_p50 = percentile(base, 50), percentile(walls, 50)
+        exec_p50 = percentile([s["execution_s"] for s in samples], 50)
+        rows.append(
+            {
+                "size": label,
+                "tensor_bytes": nbytes,
+                "result_bytes": samples[0]["result_bytes"],
+                "broker": broker,
+                "inline_max_bytes": {"default": 8 * MiB, "url-only": 0}.get(broker, 128 * MiB),
+                "delivery": samples[0]["delivery"],
+                "runs": n_runs,
+                "compress": False,
+                "wall_s": summary(walls),
+                "baseline_p50_s": base_p50,
+                "delivery_s_p50": wall_p50 - base_p50,
+                "mb_per_s": nbytes / MB / (wall_p50 - base_p50),
+                "site_execution_s_p50": exec_p50,
+                "running_to_completed_s_p50": p50_of(samples, "running_to_completed_s"),
+                "download_s_p50": p50_of(samples, "download_s"),
+                "unpickle_frame_s_p50": p50_of(samples, "unpickle_frame_s"),
+                "finalize_s_p50": p50_of(samples, "finalize_s"),
+            }
+        )
+        speed = rows[-1]["mb_per_s"]
+        print(f"  delivery {label:>6} via {broker:<14} {speed:8.1f} MB/s", flush=True)
+    return rows
+
+
+# -- 3. bytes of a saved slice ----------------------------------------------------------------
+
+
+def bench_slice(client: Client) -> list[dict[str, Any]]:
+    model = client.remote[SMALL]
+    layer = SAVED_LAYER[SMALL]
+    tokens = len(model.tokenizer(PROMPT_10)["input_ids"])
+    rows = []
+    for compress in (False, True):
+        for broker in ("default", "url-only"):
+            client.use(broker, compress=compress)
+            for full in (False, True):
+                backend = client.timed(model)
+                out, _ = slice_trace(model, layer, full, backend=backend)
+                h = out["h"]
+                rows.append(
+                    {
+                        "saved": f"h[{layer}].output" + ("" if full else "[:, -1, :]"),
+                        "shape": list(h.shape),
+                        "own_bytes": h.numel() * h.element_size(),
+                        "full_hidden_bytes": tokens * h.shape[-1] * h.element_size(),
+                        "compress": compress,
+                        "broker": broker,
+                        "delivery": backend.delivery,
+                        "received_blob_bytes": backend.blob_bytes,
+                        "ws_frame_bytes": backend.frame_bytes,
+                        "meta_result_bytes": (backend.meta or {}).get("result_bytes"),
+                        "prompt_tokens": tokens,
+                    }
+                )
+    return rows
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    import nnsight
+    import torch
+    import transformers
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "nnsight": nnsight.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+        "torch_threads_local": torch.get_num_threads(),
+        "torch_threads_site": TORCH_THREADS,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print("\n== 1. latency: remote vs local (ms), small trace, torch threads = 1 ==")
+    header = f"{'model':<30}{'local p50':>10}{'p95':>8}{'remote p50':>12}{'p95':>8}"
+    print(header + f"{'overhead p50':>14}{'site exec p50':>15}")
+    for row in report["latency"]:
+        loc, rem = row["local_ms"], row["remote_ms"]
+        print(
+            f"{row['model']:<30}{loc['p50']:>10.1f}{loc['p95']:>8.1f}{rem['p50']:>12.1f}"
+            f"{rem['p95']:>8.1f}{row['overhead_p50_ms']:>14.1f}"
+            f"{row['site_execution_ms']['p50']:>15.1f}"
+        )
+    for row in report["latency"]:
+        print(f"\n  phases of a remote run, p50 ms ({row['model']}):")
+        for name, value in row["phases_p50_ms"].items():
+            print(f"    {name:<42}{value:>8.2f}")
+    floor = report["floor"]
+    print(
+        f"\n  protocol floor: new HTTP client + GET /ping p50 "
+        f"{floor['http_ping_ms']['p50']:.2f} ms;"
+        f" ws connect + session id p50 {floor['ws_subscribe_ms']['p50']:.2f} ms"
+    )
+    print("\n== 2. result delivery on loopback (COMPRESS=False) ==")
+    print(
+        f"{'size':>7}  {'broker':<14}{'via':<7}{'runs':>5}{'wall p50 s':>11}{'base s':>8}"
+        f"{'MB/s':>9}{'site exec s':>12}{'RUN->DONE s':>12}{'download s':>11}{'load s':>8}"
+    )
+    for row in report["delivery"]:
+
+        def f(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3f}"
+
+        print(
+            f"{row['size']:>7}  {row['broker']:<14}{row['delivery']:<7}{row['runs']:>5}"
+            f"{row['wall_s']['p50']:>11.3f}{row['baseline_p50_s']:>8.3f}{row['mb_per_s']:>9.1f}"
+            f"{f(row['site_execution_s_p50']):>12}{f(row['running_to_completed_s_p50']):>12}"
+            f"{f(row['download_s_p50']):>11}{f(row['finalize_s_p50']):>8}"
+        )
+    print("\n== 3. result bytes of a saved slice (GPT-2-small shape, 10-token prompt) ==")
+    print(
+        f"{'saved':<24}{'compress':>9}{'via':>7}{'own B':>8}{'full h B':>10}{'received B':>12}"
+        f"{'ws frame B':>12}{'meta B':>9}{'recv/own':>10}{'recv/full':>10}"
+    )
+    for row in report["slice"]:
+        got = row["received_blob_bytes"] or 0
+        print(
+            f"{row['saved']:<24}{row['compress']!s:>9}{row['delivery']:>7}{row['own_bytes']:>8}"
+            f"{row['full_hidden_bytes']:>10}{got:>12}{row['ws_frame_bytes'] or '-':>12}"
+            f"{row['meta_result_bytes']:>9}{got / row['own_bytes']:>10.2f}"
+            f"{got / row['full_hidden_bytes']:>10.3f}"
+        )
+    print("\n== targets ==")
+    for name, target in report["targets"].items():
+        print(
+            f"  {name}: {target['measured']:.1f} (target {target['target']}) -> "
+            f"{'met' if target['met'] else 'NOT met'}"
+        )
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for row in report["latency"]:
+        if row["model"] == TINY:
+            value = row["overhead_p50_ms"]
+            out["fixed overhead p50, tiny-gpt2 (ms)"] = {
+                "measured": value,
+                "target": "<= 15",
+                "met": value <= 15,
+            }
+    for row in report["delivery"]:
+        if row["tensor_bytes"] == GiB:
+            value = row["mb_per_s"]
+            met = value >= 500
+            out["1 GiB delivery (MB/s)"] = {"measured": value, "target": ">= 500", "met": met}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30, help="measured runs per latency series")
+    parser.add_argument("--quick", action="store_true", help="few runs, for a first try")
+    parser.add_argument("--out", type=Path, help="write every figure here as JSON")
+    parser.add_argument("--no-1gib", dest="big", action="store_false", help="skip 1 GiB")
+    parser.add_argument("--keep-home", action="store_true", help="keep the temporary EDIF_HOME")
+    parser.add_argument("--serve-mesh", nargs=3, metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_mesh:
+        serve_mesh(*(Path(p) for p in args.serve_mesh))
+        return 0
+    runs = 5 if args.quick else args.runs
+    warmups = 1 if args.quick else 3
+
+    home = Path(tempfile.mkdtemp(prefix="edif-bench-"))
+    os.environ["EDIF_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from edif.demo.models import ensure_all
+
+    print(f"building models under {home} ...", flush=True)
+    tiny_dir = ensure_all(home)[TINY]
+    small_dir = build_small_model(home)
+    mesh = Mesh(home, write_site(home, tiny_dir, small_dir))
+    report: dict[str, Any] = {"machine": machine(), "runs": runs, "warmups": warmups}
+    try:
+        print("starting the mesh (broker + bench site + Ray) and two extra brokers ...", flush=True)
+        started = time.monotonic()
+        mesh.start()
+        print(f"  up in {time.monotonic() - started:.1f} s: {mesh.urls}", flush=True)
+        client = Client(mesh)
+        report["floor"] = bench_floor(client, runs)
+        report["latency"] = []
+        for repo_id in (TINY, SMALL):
+            print(f"latency: {repo_id} ({runs} runs after {warmups} warm-ups) ...", flush=True)
+            report["latency"].append(bench_latency(client, repo_id, runs, warmups))
+        print("result delivery ...", flush=True)
+        report["delivery"] = bench_delivery(client, args.quick, args.big, runs)
+        print("slice bytes ...", flush=True)
+        report["slice"] = bench_slice(client)
+        report["machine"]["loadavg_end"] = os.getloadavg()
+        report["targets"] = targets(report)
+    finally:
+        mesh.stop()
+        if args.keep_home:
+            print(f"kept {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+    print_report(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
