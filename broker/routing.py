@@ -85,9 +85,10 @@ def choose_site(
         and _serves(site, nnsight_version)
     ]
     if not usable:
+        where = ", ".join(sorted(site.name for site, _ in hosting))
         raise Unavailable(
-            f"No site can run {key.describe()} right now "
-            f"({len(hosting)} host it, none is reachable and healthy); try again later."
+            f"No site can run {key.describe()} right now: it is normally hosted at {where}, "
+            "and none of them is reachable and healthy. Try again later."
         )
     site, dep = min(usable, key=lambda pair: _rank(*pair))
     return Route(site, dep)

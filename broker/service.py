@@ -287,7 +287,7 @@ class BrokerService:
 
     async def _on_site_status(self, job: Job, site: str, status: pb.StatusUpdate) -> None:
         if status.phase == pb.RUNNING and job.state is JobState.DISPATCHED:
-            await self._advance(job, JobState.RUNNING, TEXT[JobState.RUNNING])
+            await self._advance(job, JobState.RUNNING, f"Your job is running at site {site}.")
         elif status.phase == pb.QUEUED and job.state is JobState.DISPATCHED:
             # The job stays DISPATCHED (it is at the site); the client sees it waiting there.
             ahead = f"{status.position} job(s) ahead" if status.position else "next in line"

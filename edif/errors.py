@@ -117,3 +117,39 @@ class UserCodeError(EdifError):
 
 class ResultNotSerializable(UserCodeError):
     """A value the block saved cannot be pickled for the trip back to the client."""
+
+
+class CatalogUnavailable(Unavailable):
+    """The site catalog (Consul) could not be reached, refused the call or answered nonsense."""
+
+
+class UnknownSite(NotFound):
+    """The catalog holds no registration for this site: never registered, deregistered, or
+    reaped after missing heartbeats. The agent should register again."""
+
+
+class SiteRecordTooLarge(ConfigError):
+    """A site's catalog record does not fit Consul's service metadata limits (too many models
+    or groups, or a value too long); trim the site configuration."""
+
+
+class SiteRecordUnreadable(EdifError):
+    """A catalog entry's metadata does not decode to a site record (foreign writer, other
+    schema version, truncated). The broker skips such entries and logs them."""
+
+
+class PlacementError(ConfigError):
+    """The site's models do not fit its devices: the message names each model that does not
+    fit, its memory estimate and the devices; host fewer models or add devices."""
+
+
+class SourceRefused(PayloadRefused):
+    """Code in a request (the block or a shipped function) uses a construct the site's source
+    policy does not allow; refused before anything was compiled or run.
+
+    The message names the construct, its line and the policy (name and version).
+    """
+
+    def __init__(self, message: str, lineno: int | None = None) -> None:
+        super().__init__(message)
+        self.lineno = lineno

@@ -115,6 +115,7 @@ class DemoMesh:
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.procs[name] = proc
+        self.argv[name] = (argv, env)
         return proc
 
     def _start_agents(self, ray_address: str, jwks_file: Path) -> dict[str, dict]:
@@ -181,10 +182,28 @@ class DemoMesh:
 
     def _check_children(self) -> None:
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
+            if proc.poll() is not None and not name.startswith("agent-"):
                 raise RuntimeError(
                     f"{name} exited with code {proc.returncode}; see {self.logs_dir}/{name}.log"
                 )
+
+    def supervise(self) -> None:
+        """Restart agents that died, after a backoff; a dead broker is fatal."""
+        self._check_children()
+        now = time.monotonic()
+        for name, proc in list(self.procs.items()):
+            if not name.startswith("agent-") or proc.poll() is None:
+                continue
+            died = self.died_at.setdefault(name, now)
+            if now - died < self.opt.restart_backoff_s:
+                continue
+            del self.died_at[name]
+            print(f"{name} exited with code {proc.returncode}; restarting it", flush=True)
+            argv, env = self.argv[name]
+            restarted = self._spawn(name, argv, env)
+            if self.state:
+                self.state.agents[name.removeprefix("agent-")]["pid"] = restarted.pid
+                self._write_state()
 
     def wait_models(self, timeout_s: float = 180.0) -> dict:
         """Block until /status lists every demo deployment as RUNNING; return the status."""
