@@ -71,6 +71,10 @@ class ResultStore(Protocol):
 
     def read(self, ref: ResultRef) -> bytes: ...
 
+    def discard(self, job_id: str) -> None:
+        """Forget a result and delete its bytes (a refused or withdrawn result)."""
+        ...
+
     def sweep(self) -> int: ...
 
 
@@ -116,6 +120,10 @@ class DiskResultStore:
 
     def read(self, ref: ResultRef) -> bytes:
         return self._path(ref.job_id).read_bytes()
+
+    def discard(self, job_id: str) -> None:
+        self._refs.pop(job_id, None)
+        self._path(job_id).unlink(missing_ok=True)
 
     def sweep(self) -> int:
         """Delete expired results; returns how many went."""

@@ -27,6 +27,7 @@ from broker.config import BrokerSettings
 from broker.jobs import Job, JobState, Submission, new_job_id
 from broker.modelkey import ModelKey, parse_model_key
 from broker.ports import Identity
+from broker.result_safety import UnsafeResult, check_result_file
 from broker.results import ResultFile, ResultRef, ResultStore, ResultWriter
 from broker.routing import Route, choose_site
 from broker.service_info import env_document, status_document
@@ -299,6 +300,7 @@ class BrokerService:
             await self._send(job, self._status(job, WireStatus.LOG, line).to_json())
 
     async def _complete(self, job: Job, ref: ResultRef, done: pb.ResultEnd) -> None:
+        await self._check_safe(job, ref)
         job.result = ref
         job.meta.update(
             execution_s=round(done.execution_s, 6),
@@ -317,6 +319,18 @@ class BrokerService:
         job.record(message)
         log.info("job %s completed on %s: %d bytes", job.id, job.site, ref.size)
         await self._send(job, frame, final=True)
+
+    async def _check_safe(self, job: Job, ref: ResultRef) -> None:
+        """Refuse a result that is not plain data before any client can load it (inline or URL)."""
+        stored = self._results.open(ref.job_id, ref.token)
+        try:
+            await asyncio.to_thread(
+                check_result_file, stored.path, job.submission.compress, job.site or "?"
+            )
+        except UnsafeResult:
+            log.warning("job %s: unsafe result from site %s refused", job.id, job.site)
+            self._results.discard(ref.job_id)
+            raise
 
     async def _fail(self, job: Job, description: str) -> None:
         """End the job with ERROR, unless it already ended (exactly one terminal status)."""
