@@ -26,6 +26,7 @@ from auth.tokens import TokenIssuer
 from edif.up import free_port
 
 TIME_LIMIT_S = 15.0
+PLANTED_SECRET = "EDIF_TEST_PLANTED_API_TOKEN"
 
 # Bit-identity on CPU needs the same intra-op thread count as the site's workers (the demo
 # sites run torch with 1 thread): with 2 threads some matmuls reduce in another order and
@@ -119,7 +120,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def mesh(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("edif-home")
     state_file = home / "mesh.json"
-    env = {**os.environ, "EDIF_HOME": str(home)}
+    # A secret in the operator's environment must never reach a model worker.
+    env = {**os.environ, "EDIF_HOME": str(home), PLANTED_SECRET: "hunter2-planted"}
     argv = [
         sys.executable,
         "-m",
