@@ -1,6 +1,6 @@
 """Encode a request's result dict into the bytes the client loads (spec §5.2).
 
-Flow: compact views (below), `torch.save(..., pickle_protocol=4)`, then, if and only if the
+Flow: compact views (below), `torch.save` with pickle protocol 2, then, if and only if the
 request was compressed, one-shot zstd. The client reads the result with
 `zstandard.ZstdDecompressor().decompress`, which needs the content size in the frame header;
 only the one-shot `ZstdCompressor.compress` writes it (a streaming compressor does not).
@@ -26,7 +26,9 @@ ZSTD_LEVEL = 3
 def encode_result(result: dict, compress: bool) -> bytes:
     """The wire bytes for `result`: `torch.save` of its compacted copy, zstd'd if `compress`."""
     buffer = io.BytesIO()
-    torch.save(compact(result), buffer, pickle_protocol=4)
+    # Protocol 2 (torch's default): the broker re-checks every result with torch's weights_only
+    # unpickler, which refuses protocol 4's FRAME opcode.
+    torch.save(compact(result), buffer, pickle_protocol=2)
     data = buffer.getvalue()
     if compress:
         data = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)

@@ -2,9 +2,16 @@
 
 `run_request` is the whole per-request procedure of a model worker: apply the request's
 `env` (after checking it against the site's `PayloadPolicy`), deserialize the payload with
-the restricted `AllowlistUnpickler`, run the block under nnsight's tracer with its prints
-relayed line by line, collect exactly the values the client's frame would receive, and
-encode them as the result bytes.
+the restricted `AllowlistUnpickler`, check the block's source and shipped namespace against
+the site's `SourcePolicy` before compiling it, run the block under nnsight's tracer with its
+prints relayed line by line, collect exactly the values the client's frame would receive,
+and encode them as the result bytes.
+
+Deserializing does what `RequestModel.deserialize` does (decompress, unpickle, compile the
+block under the client's filename, register it in `linecache`, set the frame's globals and
+locals), split so that nothing is compiled before it is checked: shipped functions are
+checked inside the unpickler before nnsight compiles them, the block after unpickling and
+before `compile`, and the payload's functions become callable only once all of it passed.
 
 Threading: call it for one request at a time per process. nnsight's trace depth and saved
 set are thread-local, and its interleaver runs the block in greenlets on the calling thread,
@@ -12,7 +19,8 @@ while the source caches, `linecache`, `sys.stdout` and the model are process-wid
 The worker uses one dedicated thread for every request.
 
 Failures: anything wrong with the request before it runs raises a `PayloadRefused` subclass
-(`EnvNotAllowed`, `GlobalNotAllowed`, `ModelMismatch`, `PayloadUnreadable`); an exception
+(`EnvNotAllowed`, `GlobalNotAllowed`, `SourceRefused`, `ModelMismatch`,
+`PayloadUnreadable`); an exception
 from the block raises `UserCodeError` whose message is the traceback of the user's own
 frames. Either way the interleaver, nnsight's per-thread state and the source caches are
 reset, so the next request runs as on a fresh worker (the model keeps the last `env` applied).
@@ -20,7 +28,6 @@ reset, so the next request runs as on a fresh worker (the model keeps the last `
 
 from __future__ import annotations
 
-import functools
 import io
 import linecache
 import pickle
@@ -34,7 +41,6 @@ import torch
 import zstandard
 from nnsight.intervention.serialization import UnknownPersistentIdError
 from nnsight.intervention.util import clear_shared_locals
-from nnsight.schema.request import RequestModel
 from nnsight.tracing import globals as tracing_globals
 from nnsight.tracing.tracer import Tracer, _saves, dec, inc
 
@@ -48,6 +54,7 @@ from edif.errors import (
 )
 from site_agent.encoding import encode_result
 from site_agent.logrelay import LogRelay
+from site_agent.source_policy import check_namespace, check_source, module_bindings
 from site_agent.unpickler import AllowlistUnpickler, PayloadPolicy
 
 _ENV_KEYS = frozenset({"attn_implementation", "peft"})
@@ -112,15 +119,19 @@ def apply_env(model: Any, env: dict, policy: PayloadPolicy) -> None:
 
 
 def deserialize(model: Any, payload: bytes, compress: bool, policy: PayloadPolicy) -> Tracer:
-    """Rebuild the request's tracer, bound to `model`, or raise a `PayloadRefused`."""
+    """Rebuild the request's tracer, bound to `model`, or raise a `PayloadRefused`.
+
+    `RequestModel.deserialize`, step by step (see module doc): unpickle with the allowlist
+    (shipped functions are source-checked there), check the block's namespaces and source,
+    release the payload's functions, and only then compile the block.
+    """
     if compress:
         _check_frame_size(payload, policy)
     persistent = model._remoteable_persistent_objects()
-    unpickler = functools.partial(AllowlistUnpickler, policy=policy)
     try:
-        tracer = RequestModel.deserialize(
-            payload, persistent, compress=compress, unpickler=unpickler
-        )
+        blob = zstandard.ZstdDecompressor().decompress(payload) if compress else payload
+        unpickler = AllowlistUnpickler(io.BytesIO(blob), persistent, policy=policy)
+        loaded = unpickler.load()
     except PayloadRefused:
         raise
     except UnknownPersistentIdError as exc:
@@ -133,9 +144,42 @@ def deserialize(model: Any, payload: bytes, compress: bool, policy: PayloadPolic
         raise
     except BaseException as exc:  # garbage, truncated, bad zstd, a broken pickle: all refused
         raise PayloadUnreadable(_unreadable(exc, compress)) from exc
-    if not isinstance(tracer, Tracer):
-        raise PayloadUnreadable("the request payload does not hold an nnsight trace")
+    tracer, source, glbls, variables = _request_parts(loaded)
+    frame = tracer.info.frame
+    filename = frame.f_code.co_filename
+    check_namespace(glbls, "the block's globals", policy.source)
+    check_namespace(variables, "the block's variables", policy.source)
+    check_source(source, filename, policy.source, module_bindings(glbls, variables))
+    unpickler.release(loaded, [glbls, variables])
+    try:
+        code = compile(source, filename, "exec")
+    except (SyntaxError, ValueError) as exc:  # parses, but does not compile (`return` at top)
+        raise PayloadUnreadable(_unreadable(exc, compress)) from exc
+    tracer.info.code = code.replace(co_name=frame.f_code.co_name)
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    frame.f_globals = glbls
+    frame.f_locals = variables
     return tracer
+
+
+def _request_parts(loaded: Any) -> tuple[Tracer, str, dict, dict]:
+    """(tracer, block source, globals, locals) from an unpickled payload, or refuse it."""
+    refused = PayloadUnreadable("the request payload does not hold an nnsight trace")
+    try:
+        tracer, (source, glbls, variables) = loaded
+        code = tracer.info.frame.f_code
+        names = (code.co_filename, code.co_name)
+    except Exception:  # another shape altogether (a shipped function is inert here: KeyError)
+        raise refused from None
+    if not (
+        isinstance(tracer, Tracer)
+        and isinstance(source, str)
+        and all(type(name) is str for name in names)
+        and type(glbls) is dict
+        and type(variables) is dict
+    ):
+        raise refused
+    return tracer, source, glbls, variables
 
 
 def _check_frame_size(payload: bytes, policy: PayloadPolicy) -> None:

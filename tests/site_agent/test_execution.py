@@ -12,17 +12,22 @@ the bytes. The "site" is a dispatched copy of the same demo model in this proces
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import linecache
 import os
+import pickle
 import sys
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 
 import nnsight
+import numpy as np
 import pytest
 import torch
 import zstandard
-from nnsight.intervention.serialization import dumps
+from nnsight.intervention import serialization
+from nnsight.intervention.serialization import dumps, reduce_block
 from nnsight.schema.request import RequestModel
 from nnsight.tracing import globals as tracing_globals
 from nnsight.tracing import tracer as tracer_module
@@ -36,10 +41,13 @@ from edif.errors import (
     PayloadRefused,
     PayloadUnreadable,
     ResultNotSerializable,
+    SourceRefused,
     UserCodeError,
 )
 from site_agent.execution import ExecutionResult, run_request
 from site_agent.logrelay import LogRelay
+from site_agent.source_policy import SourcePolicy
+from site_agent.unpickler import PayloadPolicy
 
 PROMPT = "the capital of france is"  # 7 tokens with the demo tokenizer
 
@@ -513,3 +521,183 @@ def test_linecache_is_left_as_before(gpt2: Site) -> None:
     before = linecache.cache.get(__file__)
     gpt2.run(cap)
     assert linecache.cache.get(__file__) is before
+
+
+# --- source policy (sandbox layer 1): checked before anything compiles or runs ------------------
+
+
+def line_of(marker: str) -> int:
+    """The line of this file holding `marker`: shipped code keeps the file's line numbers."""
+    with open(__file__) as file:
+        return next(n for n, line in enumerate(file, 1) if marker in line and "line_of" not in line)
+
+
+def test_a_refused_import_in_the_block_runs_nothing(gpt2: Site) -> None:
+    meta = gpt2.meta
+    cap = gpt2.capture()
+    with meta.trace(PROMPT, backend=cap):
+        print("ran")
+        import socket  # marker: refused import in the block
+
+        host = socket.gethostname()
+    gpt2.logs.clear()
+    with pytest.raises(SourceRefused) as caught:
+        gpt2.run(cap)
+    message = caught.value.message
+    assert caught.value.lineno == line_of("# marker: refused import in the block")
+    assert "import of 'socket' is not allowed by site policy edif-default v1" in message
+    assert __file__ in message
+    assert gpt2.logs == []  # checked before the block ran: not even the print before it
+    assert_still_works(gpt2)
+
+
+def test_an_aliased_module_is_resolved_through_the_shipped_globals(gpt2: Site) -> None:
+    meta = gpt2.meta
+    cap = gpt2.capture()
+    with meta.trace(PROMPT, backend=cap):
+        t = torch
+        state = t.load("/etc/hosts")  # marker: aliased torch.load
+    with pytest.raises(SourceRefused, match="'torch.load' is not allowed") as caught:
+        gpt2.run(cap)
+    assert caught.value.lineno == line_of("# marker: aliased torch.load")
+    assert_still_works(gpt2)
+
+
+def test_a_shipped_function_with_a_refused_import_is_never_compiled(
+    gpt2: Site, monkeypatch
+) -> None:
+    meta = gpt2.meta
+
+    def sneaky(value):
+        import socket  # marker: refused in a shipped function
+
+        return value, socket
+
+    cap = gpt2.capture()
+    with meta.trace(PROMPT, backend=cap):
+        hidden = sneaky(meta.transformer.h[0].output)
+    compiled: list[str] = []
+    real_load_function = serialization._load_function
+    monkeypatch.setattr(
+        serialization,
+        "_load_function",
+        lambda *args: compiled.append(args[1]) or real_load_function(*args),
+    )
+    with pytest.raises(SourceRefused) as caught:
+        gpt2.run(cap)
+    message = caught.value.message
+    assert caught.value.lineno == line_of("# marker: refused in a shipped function")
+    assert "import of 'socket'" in message and f"[sneaky:{line_of('def sneaky')}]" in message
+    assert compiled == []  # refused before nnsight's _load_function compiled it
+    monkeypatch.undo()
+    assert_still_works(gpt2)
+
+
+class CallOf:
+    """Pickles as `func(*args)`; `func` may be another CallOf: a hand-made payload's shape."""
+
+    def __init__(self, func: object, *args: object) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple:
+        return self.func, self.args
+
+    def __call__(self, *args: object) -> None:  # pickle wants a callable; never called here
+        raise AssertionError
+
+
+def load_function_gadget(source: str) -> bytes:
+    """Spec §12: a pickle that compiles a function with `_load_function` and calls it while
+    it is being unpickled, with nothing but admitted globals."""
+    built = CallOf(serialization._load_function, source, "f", None, None, None, "evil.py", 1)
+    return pickle.dumps(CallOf(built), protocol=4)
+
+
+def test_a_crafted_load_function_pickle_is_checked_before_compiling(gpt2: Site) -> None:
+    blob = load_function_gadget("def f():\n    import os\n    return os.getpid()\n")
+    with pytest.raises(SourceRefused) as caught:
+        run_request(gpt2.real, blob, False, {}, gpt2.logs.append)
+    assert caught.value.lineno == 2 and "[f:1] evil.py" in caught.value.message
+    assert_still_works(gpt2)
+
+
+def test_a_shipped_function_cannot_run_while_its_payload_is_unpickled(gpt2: Site) -> None:
+    # Admitted source, but called from inside the pickle, before the block was checked.
+    blob = load_function_gadget("def f():\n    return 1\n")
+    with pytest.raises(PayloadUnreadable, match="while its payload was still being checked"):
+        run_request(gpt2.real, blob, False, {}, gpt2.logs.append)
+    assert_still_works(gpt2)
+
+
+class Tamper(Capture):
+    """Serializes like RequestModel.serialize, with the (source, globals, locals) edited."""
+
+    def __init__(self, model, edit: Callable[[tuple], tuple]) -> None:
+        super().__init__(model, compress=False)
+        self.edit = edit
+
+    def __call__(self, tracer) -> None:
+        frame = tracer.info.frame
+        parts = reduce_block(tracer.node, frame.f_globals, dict(frame.f_locals))
+        self.blob = dumps((tracer, self.edit(parts)))
+
+
+def test_shipped_globals_cannot_replace_the_builtins(gpt2: Site) -> None:
+    meta = gpt2.meta
+    cap = Tamper(meta, lambda parts: (parts[0], {**parts[1], "__builtins__": {}}, parts[2]))
+    with meta.trace(PROMPT, backend=cap):
+        logits = meta.lm_head.output.save()
+    with pytest.raises(SourceRefused, match="the block's globals sets '__builtins__'"):
+        gpt2.run(cap)
+    assert_still_works(gpt2)
+
+
+def test_a_module_inside_a_shipped_value_is_refused(gpt2: Site) -> None:
+    meta = gpt2.meta
+    holder = types.SimpleNamespace(np=np)  # `holder.np.load` would be out of the check's sight
+    cap = gpt2.capture()
+    with meta.trace(PROMPT, backend=cap):
+        zeros = holder.np.zeros(2)
+        logits = meta.lm_head.output.save()
+    with pytest.raises(GlobalNotAllowed, match="ships the module 'numpy' inside a value"):
+        gpt2.run(cap)
+    assert_still_works(gpt2)
+
+
+def test_the_request_is_checked_against_the_sites_own_source_policy(gpt2: Site) -> None:
+    meta = gpt2.meta
+    strict = SourcePolicy(name="no-prints", version=7)
+    strict = dataclasses.replace(strict, forbidden_calls=strict.forbidden_calls | {"print"})
+    cap = gpt2.capture()
+    with meta.trace(PROMPT, backend=cap):
+        print(meta.lm_head.output.shape)
+    policy = PayloadPolicy(source=strict)
+    with pytest.raises(
+        SourceRefused, match="the builtin .print. is not allowed by site policy no-prints v7"
+    ):
+        run_request(gpt2.real, cap.blob, cap.compress, cap.env, gpt2.logs.append, policy)
+    gpt2.run(cap)  # the default policy admits it
+    assert_still_works(gpt2)
+
+
+def test_a_probe_class_from_the_clients_code_travels_and_runs(gpt2: Site) -> None:
+    meta, real = gpt2.meta, gpt2.real
+
+    class Probe(torch.nn.Module):
+        """A linear probe, defined in the researcher's script: it travels by value."""
+
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(width, 2)
+
+        def forward(self, hidden):
+            return torch.softmax(self.linear(hidden), dim=-1)
+
+    probe = Probe(64)
+    cap = gpt2.capture()
+    with meta.trace(PROMPT, backend=cap):
+        scores = probe(meta.transformer.h[0].output[:, -1, :]).save()
+    remote = gpt2.run_and_load(cap)
+    with real.trace(PROMPT):
+        scores = probe(real.transformer.h[0].output[:, -1, :]).save()
+    assert torch.equal(remote["scores"], scores)
