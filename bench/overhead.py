@@ -1,6 +1,7 @@
 """What the mesh costs on top of a local nnsight run: a benchmark, not a test (no timing asserts).
 
-    .venv/bin/python bench/overhead.py [--runs N] [--quick] [--out FILE.json] [--no-1gib]
+    .venv/bin/python bench/overhead.py [--runs N] [--quick] [--out FILE.json]
+                                       [--no-1gib] [--no-hops] [--keep-home]
 
 Flow: build a temporary `$EDIF_HOME` with the demo models and a GPT-2-small-shaped random model
 (GPT2Config defaults: 12 layers, 768 dims, vocab 50257; the demo tokenizer, whose 400 ids are
@@ -22,6 +23,11 @@ with a 128 MiB inline limit → drive them all with the unmodified nnsight 0.8.1
    full hidden state, on the GPT-2-small-shaped model with a 10-token prompt: the bytes the
    client actually received (the result blob handed to nnsight's `finalize`, the websocket
    binary frame when inline) and the broker's `meta["result_bytes"]`.
+4. where the time goes: one captured payload run with one hop more at a time — the worker's
+   own `run_request` in this process; a fresh `ModelWorker` Ray actor streamed to this process
+   as a Ray driver; the site agent's gRPC `Execute` (broker credential, no broker); the broker
+   driven by hand on a kept-alive HTTP client; the real nnsight client. Differences between
+   neighbouring rows attribute the time to one hop each.
 
 Prints a table; `--out` writes every figure as JSON. Figures go to docs/benchmarks.md.
 """
@@ -29,6 +35,8 @@ Prints a table; `--out` writes every figure as JSON. Figures go to docs/benchmar
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -158,10 +166,21 @@ def write_site(home: Path, tiny_dir: Path, small_dir: Path) -> Path:
 
 
 def serve_mesh(home: Path, sites_dir: Path, state_file: Path) -> None:
-    """Child-process entry: `edif up --demo`'s foreground loop with the bench site config."""
-    from edif.up import DemoOptions, run_foreground
+    """Child-process entry: what `edif up --demo` runs, with the bench site config, until
+    SIGTERM. The state file appears once the broker answers /ping."""
+    from edif.up import DemoMesh, DemoOptions
 
-    run_foreground(DemoOptions(home=home, sites_dir=sites_dir, state_file=state_file), False)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+    mesh = DemoMesh(DemoOptions(home=home, sites_dir=sites_dir, state_file=state_file))
+    try:
+        state = mesh.start()
+        print(f"bench mesh: broker at {state.broker_url}, logs in {state.logs_dir}", flush=True)
+        while not stopping:
+            time.sleep(0.5)
+    finally:
+        mesh.stop()
 
 
 class Mesh:
@@ -276,6 +295,7 @@ def timed_backend_class() -> type:
             self.frame_bytes: int | None = None  # the binary websocket frame, when inline
             self.blob_bytes: int | None = None  # the result blob handed to finalize
             self.delivery = ""
+            self.result_url = ""
 
         def _mark(self, name: str) -> None:
             self.marks.setdefault(name, time.perf_counter())
@@ -309,6 +329,7 @@ def timed_backend_class() -> type:
                 self.delivery = "inline"
             elif url:
                 self.delivery = "url"
+                self.result_url = url
                 self._mark("download_start")
             return super().download_result(url)
 
@@ -466,32 +487,44 @@ def bench_latency(client: Client, repo_id: str, runs: int, warmups: int) -> dict
         "queue_ms": summary(queue, 1e3),
         "result_bytes": int(percentile(result_bytes, 50)),
         "compress": True,
+        "torch_threads_local": client.torch.get_num_threads(),
         "timed_backend_ms": summary(t_timed, 1e3),
         "phases_p50_ms": {k: percentile(v, 50) * 1e3 for k, v in phases.items()},
     }
 
 
 def bench_floor(client: Client, runs: int) -> dict[str, Any]:
-    """What the client's protocol costs with no job at all: new HTTP client + GET /ping, and
-    websocket connect + session id + close (nnsight opens both anew for every request)."""
+    """What the client's protocol costs with no job at all. nnsight 0.8.1 builds a new
+    `httpx.Client` for every POST and every result download, and opens a new websocket per
+    request: time those pieces on their own, next to a GET /ping on a kept-alive client."""
     import websocket
 
     url = client.mesh.urls["default"]
     ws_url = "ws://" + url.split("://", 1)[1] + "/subscribe"
-    ping, ws = [], []
-    for i in range(runs + 3):
-        start = time.perf_counter()
-        with httpx.Client(timeout=10) as http:
-            http.get(f"{url}/ping").raise_for_status()
-        mid = time.perf_counter()
-        conn = websocket.create_connection(ws_url)
-        conn.recv()
-        conn.close()
-        end = time.perf_counter()
-        if i >= 3:
-            ping.append(mid - start)
-            ws.append(end - mid)
-    return {"http_ping_ms": summary(ping, 1e3), "ws_subscribe_ms": summary(ws, 1e3)}
+    samples: dict[str, list[float]] = {
+        "httpx.Client() create + close": [],
+        "new httpx.Client + GET /ping": [],
+        "GET /ping on a kept-alive client": [],
+        "ws connect + session id + close": [],
+    }
+    with httpx.Client(timeout=10) as kept:
+        for i in range(runs + 3):
+            t0 = time.perf_counter()
+            httpx.Client(timeout=10).close()
+            t1 = time.perf_counter()
+            with httpx.Client(timeout=10) as http:
+                http.get(f"{url}/ping").raise_for_status()
+            t2 = time.perf_counter()
+            kept.get(f"{url}/ping").raise_for_status()
+            t3 = time.perf_counter()
+            conn = websocket.create_connection(ws_url)
+            conn.recv()
+            conn.close()
+            t4 = time.perf_counter()
+            if i >= 3:
+                for key, value in zip(samples, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    samples[key].append(value)
+    return {key: summary(values, 1e3) for key, values in samples.items()}
 
 
 # -- 2. result delivery -----------------------------------------------------------------------
@@ -608,6 +641,239 @@ def bench_slice(client: Client) -> list[dict[str, Any]]:
     return rows
 
 
+# -- 4. where the time goes: the same payload, one hop more at a time ------------------------
+
+
+def capture_payload(client: Client, model: Any, trace: Callable[..., Any]) -> bytes:
+    """The exact request payload the nnsight client would POST for `trace` (not sent)."""
+    captured: dict[str, bytes] = {}
+
+    class Capture(client.Timed):
+        def __call__(self, tracer: Any = None) -> None:
+            captured["blob"] = self._serialize(tracer)
+
+    # Nothing comes back, so the names the block saves stay unbound: a NameError is expected.
+    with contextlib.suppress(NameError):
+        trace(backend=Capture(model.to_model_key(), env=model._remoteable_get_env()))
+    return captured["blob"]
+
+
+class Hops:
+    """Run one captured payload (a) in this process with the worker's own `run_request`,
+    (b) on a fresh `ModelWorker` Ray actor in the mesh's Ray cluster, streamed like the agent
+    does, (c) through the site agent's gRPC `Execute` with a broker credential, skipping the
+    broker. The full path (d) is the nnsight client through the broker."""
+
+    def __init__(self, client: Client) -> None:
+        from auth.keys import KeyStore
+        from auth.roles import Role
+        from auth.tokens import TokenIssuer
+        from site_agent import ray_pool
+        from site_agent.config import load_site_config
+        from site_agent.loading import load_model
+
+        mesh = client.mesh
+        self.cfg = load_site_config(mesh.sites_dir / f"{SITE}.yaml")
+        self.tiny_cfg = next(m for m in self.cfg.models if m.repo_id == TINY)
+        self.model = load_model(self.tiny_cfg)
+        ray_pool.connect(mesh.state["ray_address"])
+        import ray
+
+        from site_agent.worker import ModelWorker
+
+        self.ray = ray
+        self.actor = (
+            ray.remote(ModelWorker)
+            .options(num_cpus=0, max_restarts=0)
+            .remote(self.tiny_cfg.model_dump_json(), self.cfg.limits.result_chunk_bytes)
+        )
+        ray.get(self.actor.info.remote())
+        token = TokenIssuer(KeyStore(mesh.home / "keys")).issue(
+            "edif-bench", Role.BROKER, 3600, audience=f"edif-site:{SITE}"
+        )
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.address = f"127.0.0.1:{mesh.state['agents'][SITE]['port']}"
+        self.jobs = 0
+        from importlib.metadata import version
+
+        self.http = httpx.Client(timeout=600)
+        self.api_key = client.config.API.APIKEY
+        self.nnsight_version = version("nnsight")
+
+    def in_process(self, payload: bytes, compress: bool) -> dict[str, float]:
+        """The worker's own steps, no transport: run_request, then sha256 + chunk copies."""
+        import hashlib
+
+        from site_agent.execution import run_request
+
+        gc.collect()
+        start = time.perf_counter()
+        out = run_request(self.model, payload, compress, {}, lambda _line: None)
+        mid = time.perf_counter()
+        data = memoryview(out.result_bytes)
+        step = self.cfg.limits.result_chunk_bytes
+        chunks = sum(len(bytes(data[i : i + step])) for i in range(0, len(data), step))
+        hashlib.sha256(data).hexdigest()
+        end = time.perf_counter()
+        del data, out
+        return {"run_request_s": mid - start, "sha256_and_chunks_s": end - mid, "bytes": chunks}
+
+    def via_ray(self, payload: bytes, compress: bool) -> float:
+        gc.collect()
+        start = time.perf_counter()
+        stream = self.actor.execute.options(num_returns="streaming").remote(payload, compress, "{}")
+        for ref in stream:
+            item = self.ray.get(ref)
+            if item[0] in ("done", "error"):
+                if item[0] == "error":
+                    raise RuntimeError(f"ray stage failed: {item}")
+                break
+            del item
+        return time.perf_counter() - start
+
+    def via_grpc(self, payload: bytes, compress: bool, key: str) -> float:
+        import grpc
+
+        from proto import site_agent_pb2 as pb
+        from proto import site_agent_pb2_grpc as pb_grpc
+
+        options = [("grpc.max_receive_message_length", 512 * MiB)]
+        self.jobs += 1
+        request = pb.ExecuteRequest(
+            job_id=f"bench-{os.getpid()}-{self.jobs}",
+            model_key=key,
+            payload=payload,
+            compress=compress,
+            env_json="{}",
+        )
+        gc.collect()
+        with grpc.insecure_channel(self.address, options=options) as channel:
+            stub = pb_grpc.SiteAgentStub(channel)
+            start = time.perf_counter()
+            for update in stub.Execute(request, metadata=self.metadata):
+                kind = update.WhichOneof("update")
+                if kind == "error":
+                    raise RuntimeError(f"grpc stage failed: {update.error.description}")
+                if kind == "done":
+                    break
+            return time.perf_counter() - start
+
+    def via_broker(self, url: str, payload: bytes, compress: bool, key: str) -> float:
+        """nnsight's wire steps by hand, but on a kept-alive HTTP client: POST -> COMPLETED.
+        Compared with the real client this leaves out its per-request `httpx.Client()`."""
+        import websocket
+        from nnsight.schema.request import RequestModel
+
+        request = RequestModel(model_key=key, compress=compress, env={})
+        headers = {"ndif-api-key": self.api_key, "nnsight-version": self.nnsight_version}
+        conn = websocket.create_connection(
+            "ws://" + url.split("://", 1)[1] + "/subscribe",
+            header={"ndif-api-key": self.api_key},
+        )
+        try:
+            request.session_id = json.loads(conn.recv())["session_id"]
+            gc.collect()
+            start = time.perf_counter()
+            reply = self.http.post(
+                f"{url}/request",
+                data={"data": request.metadata()},
+                files={"blob": ("request", payload, "application/octet-stream")},
+                headers=headers,
+            )
+            reply.raise_for_status()
+            while True:
+                message = conn.recv()
+                if isinstance(message, bytes | bytearray):
+                    break  # inline COMPLETED
+                status = json.loads(message)["status"]
+                if status == "ERROR":
+                    raise RuntimeError(f"broker stage failed: {message}")
+                if status == "COMPLETED":
+                    break
+            return time.perf_counter() - start
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.http.close()
+        self.ray.kill(self.actor, no_restart=True)
+        self.ray.shutdown()
+
+
+def plain_download(url: str) -> float:
+    """GET a result URL and throw the bytes away: what the broker's file serving allows."""
+    start = time.perf_counter()
+    with httpx.Client(timeout=600) as http, http.stream("GET", url) as reply:
+        reply.raise_for_status()
+        for _chunk in reply.iter_bytes(chunk_size=1024 * 1024):
+            pass
+    return time.perf_counter() - start
+
+
+def bench_hops(client: Client, runs: int, big: bool) -> dict[str, Any]:
+    """Section 4: the same payload over fewer hops; differences attribute the time."""
+    model = client.remote[TINY]
+    key = model.to_model_key()
+    hops = Hops(client)
+    out: dict[str, Any] = {}
+    try:
+        cases = [("small trace, tiny-gpt2, compressed", True, None, runs)]
+        if big:
+            cases.append(("1 GiB of ones, uncompressed", False, GiB // 4, 2))
+        for label, compress, n, n_runs in cases:
+            client.use("default", compress=compress)
+            if n is None:
+                trace = functools.partial(small_trace, model, 1)
+            else:
+                trace = functools.partial(ones_trace, model, n)
+            payload = capture_payload(client, model, trace)
+            local, chunking, ray_s, grpc_s, raw, full, wall, download, plain_get = (
+                [] for _ in range(9)
+            )
+            warm = 1 if n is not None else 3
+            for i in range(warm + n_runs):
+                step = hops.in_process(payload, compress)
+                r = hops.via_ray(payload, compress)
+                g = hops.via_grpc(payload, compress, key)
+                b = hops.via_broker(client.mesh.urls["default"], payload, compress, key)
+                backend = client.timed(model)
+                gc.collect()
+                start = time.perf_counter()
+                trace(backend=backend)
+                end = time.perf_counter()
+                gc.collect()
+                if i < warm:
+                    continue
+                local.append(step["run_request_s"])
+                chunking.append(step["sha256_and_chunks_s"])
+                ray_s.append(r)
+                grpc_s.append(g)
+                raw.append(b)
+                full.append(backend.marks["ws_COMPLETED"] - backend.marks["post_start"])
+                wall.append(end - start)
+                marks = backend.marks
+                if "download_start" in marks:
+                    download.append(marks["finalize_start"] - marks["download_start"])
+                    plain_get.append(plain_download(backend.result_url))
+            p = {
+                "worker run_request in-process (deserialize, run, encode)": percentile(local, 50),
+                "worker sha256 + chunk copies in-process": percentile(chunking, 50),
+                "ModelWorker Ray actor, streamed to a driver": percentile(ray_s, 50),
+                "site agent gRPC Execute (agent + Ray + worker)": percentile(grpc_s, 50),
+                "broker, kept-alive HTTP client: POST -> COMPLETED": percentile(raw, 50),
+                "nnsight client: POST start -> COMPLETED frame": percentile(full, 50),
+                "nnsight client wall (whole trace)": percentile(wall, 50),
+            }
+            if download:
+                p["nnsight client download by URL (into memory)"] = percentile(download, 50)
+                p["same URL again, plain httpx GET, bytes discarded"] = percentile(plain_get, 50)
+            out[label] = {"runs": n_runs, "p50_s": p}
+            print(f"  hops: {label} done", flush=True)
+    finally:
+        hops.close()
+    return out
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -616,7 +882,21 @@ def machine() -> dict[str, Any]:
     import torch
     import transformers
 
+    import edif
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
     return {
+        "code": str(Path(edif.__file__).resolve().parent.parent),
+        "git_head": git("rev-parse", "--short", "HEAD"),
+        "git_uncommitted_paths": len(git("status", "--porcelain").splitlines()),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -626,7 +906,6 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "torch_threads_local": torch.get_num_threads(),
         "torch_threads_site": TORCH_THREADS,
-        "loadavg_start": os.getloadavg(),
     }
 
 
@@ -645,12 +924,9 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"\n  phases of a remote run, p50 ms ({row['model']}):")
         for name, value in row["phases_p50_ms"].items():
             print(f"    {name:<42}{value:>8.2f}")
-    floor = report["floor"]
-    print(
-        f"\n  protocol floor: new HTTP client + GET /ping p50 "
-        f"{floor['http_ping_ms']['p50']:.2f} ms;"
-        f" ws connect + session id p50 {floor['ws_subscribe_ms']['p50']:.2f} ms"
-    )
+    print("\n  protocol pieces on their own (no job), ms:")
+    for name, stats in report["floor"].items():
+        print(f"    {name:<42}p50 {stats['p50']:>7.2f}   p95 {stats['p95']:>7.2f}")
     print("\n== 2. result delivery on loopback (COMPRESS=False) ==")
     print(
         f"{'size':>7}  {'broker':<14}{'via':<7}{'runs':>5}{'wall p50 s':>11}{'base s':>8}"
@@ -680,6 +956,16 @@ def print_report(report: dict[str, Any]) -> None:
             f"{row['meta_result_bytes']:>9}{got / row['own_bytes']:>10.2f}"
             f"{got / row['full_hidden_bytes']:>10.3f}"
         )
+    if report.get("hops"):
+        print("\n== 4. the same payload, one hop more at a time (p50) ==")
+        for label, row in report["hops"].items():
+            print(f"  {label} ({row['runs']} runs):")
+            for name, value in row["p50_s"].items():
+                print(f"    {name:<58}{value * 1e3:>10.1f} ms")
+    loads = report["machine"].get("loadavg_at", {})
+    if loads:
+        print("\n  1-min load average (2 cores) when each section began: ", end="")
+        print(", ".join(f"{k} {v[0]:.1f}" for k, v in loads.items()))
     print("\n== targets ==")
     for name, target in report["targets"].items():
         print(
@@ -712,6 +998,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few runs, for a first try")
     parser.add_argument("--out", type=Path, help="write every figure here as JSON")
     parser.add_argument("--no-1gib", dest="big", action="store_false", help="skip 1 GiB")
+    parser.add_argument(
+        "--no-hops", dest="hops", action="store_false", help="skip the per-hop decomposition"
+    )
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary EDIF_HOME")
     parser.add_argument("--serve-mesh", nargs=3, metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -721,6 +1010,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = 5 if args.quick else args.runs
     warmups = 1 if args.quick else 3
 
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)  # before anything runs: the local reference's threads
     home = Path(tempfile.mkdtemp(prefix="edif-bench-"))
     os.environ["EDIF_HOME"] = str(home)
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -737,16 +1029,24 @@ def main(argv: list[str] | None = None) -> int:
         mesh.start()
         print(f"  up in {time.monotonic() - started:.1f} s: {mesh.urls}", flush=True)
         client = Client(mesh)
+        load = report["machine"]["loadavg_at"] = {"start": os.getloadavg()}
         report["floor"] = bench_floor(client, runs)
         report["latency"] = []
         for repo_id in (TINY, SMALL):
             print(f"latency: {repo_id} ({runs} runs after {warmups} warm-ups) ...", flush=True)
+            load[f"latency {repo_id}"] = os.getloadavg()
             report["latency"].append(bench_latency(client, repo_id, runs, warmups))
         print("result delivery ...", flush=True)
+        load["delivery"] = os.getloadavg()
         report["delivery"] = bench_delivery(client, args.quick, args.big, runs)
         print("slice bytes ...", flush=True)
+        load["slice"] = os.getloadavg()
         report["slice"] = bench_slice(client)
-        report["machine"]["loadavg_end"] = os.getloadavg()
+        if args.hops:
+            print("hops ...", flush=True)
+            load["hops"] = os.getloadavg()
+            report["hops"] = bench_hops(client, runs, args.big)
+        load["end"] = os.getloadavg()
         report["targets"] = targets(report)
     finally:
         mesh.stop()

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.quotas.policy import QuotaPolicy
 from edif.config import edif_home
 from edif.errors import ConfigError
 
@@ -93,6 +94,24 @@ class BrokerSettings(BaseSettings):
     audience: str = "edif-broker"
     keys_dir: Path | None = None  # None: the shared key store under $EDIF_HOME
     site_token_ttl_s: float = 300.0
+
+    # Audit log (broker.audit): detailed job entries older than this become accounting rows.
+    audit_detailed_retention_days: float = 90.0
+    audit_key_rotation_days: float = 90.0  # a new audit pseudonym key this often
+    audit_enabled: bool = True
+
+    # Joining sites (`broker.joins`): the credential a joined agent heartbeats with, and the
+    # catalog rules it registers under (embedded catalog, or Consul with EDIF_CONSUL_ADDR).
+    site_credential_audience: str = "edif-broker-sites"
+    site_credential_ttl_s: int = Field(default=24 * 3600, ge=60)
+    site_heartbeat_ttl_s: float = Field(default=15.0, gt=0)
+    site_deregister_after_s: float = Field(default=120.0, gt=0)
+
+    # Fair-use quotas (`broker.quotas`): the policy for anyone no role/group policy covers
+    # (generous: a JSON object in EDIF_BROKER_QUOTA_DEFAULTS), and where policies and the usage
+    # ledger live (None: <data_dir>/quotas.sqlite3).
+    quota_defaults: QuotaPolicy = Field(default_factory=QuotaPolicy)
+    quota_db: Path | None = None
 
     @field_validator("public_url")
     @classmethod

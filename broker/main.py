@@ -1,6 +1,8 @@
 """Wiring: the one place the broker's parts meet their real implementations.
 
-`build_app(settings)` reads the sites file, opens the key store (creating the signing key on
+`build_app(settings)` reads the sites file, opens the site catalog that joined agents register
+in (`EmbeddedCatalog` in this process, or Consul when `EDIF_CONSUL_ADDR` is set) and routes
+to both, opens the key store (creating the signing key on
 first use, so the JWKS that site agents fetch is never empty), and builds the token verifier
 for researchers (audience `edif-broker`), the cached per-site broker credentials, the gRPC site
 client, the site catalog, the disk result store and the job service behind the HTTP front. The
@@ -22,14 +24,25 @@ from auth.keys import KeyStore
 from auth.pseudonym import Pseudonymizer
 from auth.roles import Role
 from auth.tokens import TokenIssuer, TokenVerifier
+from broker.admin_api import add_admin_api_routes
 from broker.app import create_app
+from broker.audit import JobAuditor, open_audit_log
+from broker.audit.housekeeping import with_retention
 from broker.catalog import SiteCatalog
 from broker.config import BrokerSettings
 from broker.credentials import CachedSiteCredentials
+from broker.join_api import add_join_routes
+from broker.joins import SiteRegistrar
+from broker.quotas.service import QuotaService
+from broker.quotas.store import QuotaStore
 from broker.results import DiskResultStore
 from broker.service import BrokerService
+from broker.site_source import CatalogSites
 from broker.sites import GrpcSiteClient, SiteClient
 from edif.clock import Clock, SystemClock
+from registry.catalog import Catalog
+from registry.consul import ConsulCatalog, ConsulSettings
+from registry.embedded import EmbeddedCatalog
 
 
 def build_app(
@@ -55,19 +68,48 @@ def build_app(
         describe_timeout_s=settings.describe_timeout_s,
         max_message_bytes=settings.grpc_max_message_bytes,
     )
-    catalog = SiteCatalog(sites, client, settings.describe_refresh_s, settings.startup_wait_s)
+    consul = ConsulSettings()
+    registry: Catalog = ConsulCatalog(consul) if consul.addr else EmbeddedCatalog(clock)
+    catalog = SiteCatalog(
+        sites,
+        client,
+        settings.describe_refresh_s,
+        settings.startup_wait_s,
+        source=CatalogSites(registry),
+        on_addresses=client.update_addresses if isinstance(client, GrpcSiteClient) else None,
+    )
     results = DiskResultStore(
         settings.data_dir / "results", clock, settings.result_ttl_s, settings.max_result_bytes
     )
     pseudonymize = Pseudonymizer.from_home(keystore.directory)
-    service = BrokerService(settings, catalog, client, results, pseudonymize, clock)
-    app = create_app(service, verifier, settings, keystore.jwks, lifespan_for(service))
+    quota_store = QuotaStore(settings.quota_db or settings.data_dir / "quotas.sqlite3")
+    quotas = QuotaService(quota_store, pseudonymize, clock, settings.quota_defaults)
+    # The audit log keeps its own, rotated pseudonym keys beside the signing keys (broker.audit).
+    audit = (
+        open_audit_log(
+            settings.data_dir, keystore.directory, settings.audit_key_rotation_days * 86400, clock
+        )
+        if settings.audit_enabled
+        else None
+    )
+    service = BrokerService(
+        settings, catalog, client, results, pseudonymize, clock, quotas, JobAuditor(audit)
+    )
+    lifespan = lifespan_for(service, registry)
+    if audit is not None:
+        lifespan = with_retention(lifespan, audit, settings.audit_detailed_retention_days * 86400)
+    app = create_app(service, verifier, settings, keystore.jwks, lifespan)
+    embedded = registry if isinstance(registry, EmbeddedCatalog) else None
+    add_join_routes(app, SiteRegistrar(keystore, settings, clock, embedded, consul.addr))
+    add_admin_api_routes(app, quotas, verifier)
     app.state.service = service
+    app.state.quotas = quotas
+    app.state.registry = registry
     return app
 
 
 def lifespan_for(
-    service: BrokerService,
+    service: BrokerService, registry: Catalog | None = None
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +118,8 @@ def lifespan_for(
             yield
         finally:
             await service.close()
+            if registry is not None:
+                await registry.aclose()
 
     return lifespan
 

@@ -22,11 +22,14 @@ from contextlib import aclosing
 from typing import Any
 
 from broker import admission
+from broker.audit.hooks import JobAuditor
 from broker.catalog import SiteCatalog
 from broker.config import BrokerSettings
 from broker.jobs import Job, JobState, Submission, new_job_id
 from broker.modelkey import ModelKey, parse_model_key
 from broker.ports import Identity
+from broker.quotas import caps
+from broker.quotas.service import Admission, QuotaService
 from broker.result_safety import UnsafeResult, check_result_file
 from broker.results import ResultFile, ResultRef, ResultStore, ResultWriter
 from broker.routing import Route, choose_site
@@ -66,8 +69,13 @@ class BrokerService:
         results: ResultStore,
         pseudonymize: Callable[[str], str],
         clock: Clock | None = None,
+        quotas: QuotaService | None = None,  # None: no fair-use quotas (tests, trusted set-ups)
+        audit: JobAuditor | None = None,  # None: nothing audited (tests of other parts)
     ) -> None:
         self._settings = settings
+        self._audit = audit or JobAuditor()
+        self._quotas = quotas
+        self._admissions: dict[str, Admission] = {}  # job id -> its claim on the owner's quotas
         self._catalog = catalog
         self._sites = sites
         self._results = results
@@ -117,6 +125,20 @@ class BrokerService:
         headers: Mapping[str, str],
         base_url: str,
     ) -> StatusMessage:
+        try:
+            return await self._submit(identity, envelope, payload, headers, base_url)
+        except EdifError as refusal:
+            self._audit.refused(identity, len(payload), refusal)
+            raise
+
+    async def _submit(
+        self,
+        identity: Identity,
+        envelope: str | bytes,
+        payload: bytes,
+        headers: Mapping[str, str],
+        base_url: str,
+    ) -> StatusMessage:
         admission.check_role(identity.role)
         admission.check_payload_size(len(payload), self._settings.max_payload_bytes)
         request = admission.parse_envelope(envelope)
@@ -129,10 +151,13 @@ class BrokerService:
         job = self._new_job(identity, request, key, version, payload, base_url)
         if request.session_id:
             self._sessions.claim(request.session_id, identity.sub, job.id, self._busy)
+        if self._quotas is not None:  # last check: only a job that will run takes quota (429)
+            self._admissions[job.id] = self._quotas.admit(identity, len(payload))
         job.entered_at[JobState.RECEIVED] = self._clock.monotonic()
         received = self._status(job, WireStatus.RECEIVED, TEXT[JobState.RECEIVED])
         job.record(received)
         self._jobs[job.id] = job
+        self._audit.submitted(job, identity.role)
         log.info(
             "job %s received from %s: %s, %d bytes",
             job.id,
@@ -212,6 +237,7 @@ class BrokerService:
             job.payload = b""  # finished jobs are kept for polling; their payload need not be
             if not job.state.terminal:  # a path above that forgot to finish: never leave it open
                 await self._fail(job, f"Job {job.id} ended without a result.")
+            self._settle_quota(job)
 
     async def _dispatch(self, job: Job) -> None:
         """Run the job on the best site; on a site failure, on the next best while allowed."""
@@ -246,7 +272,9 @@ class BrokerService:
         job.attempts.append(site)
         await self._advance(job, JobState.DISPATCHED, f"Your job has been sent to site {site}.")
         log.info("job %s dispatched to %s (attempt %d)", job.id, site, len(job.attempts))
-        result = _PendingResult(self._results, job.id)
+        admitted = self._admissions.get(job.id)
+        limit = admitted.policy.max_result_bytes if admitted is not None else None
+        result = _PendingResult(self._results, job.id, limit)
         try:
             updates = self._sites.execute(site, self._execute_request(job, route))
             async with aclosing(updates):
@@ -317,6 +345,7 @@ class BrokerService:
             frame = await asyncio.to_thread(binary_frame, inline, data)
         job.advance(JobState.COMPLETED, self._clock.monotonic())
         job.record(message)
+        self._audit.ended(job)
         log.info("job %s completed on %s: %d bytes", job.id, job.site, ref.size)
         await self._send(job, frame, final=True)
 
@@ -339,6 +368,7 @@ class BrokerService:
         message = self._status(job, WireStatus.ERROR, description or "Your job failed.")
         job.advance(JobState.ERROR, self._clock.monotonic())
         job.record(message)
+        self._audit.ended(job)
         log.info("job %s failed (site %s)", job.id, job.site or "-")
         await self._send(job, message.to_json(), final=True)
 
@@ -426,6 +456,27 @@ class BrokerService:
             raise SiteUnavailable("No site has registered with this broker yet; try again soon.")
         return choose_site(key, self._catalog.views(), version, exclude, groups)
 
+    def _settle_quota(self, job: Job) -> None:
+        """Free the job's concurrency slot and charge the GPU-seconds it ran: the site's
+        measurement when it completed, else the broker's RUNNING -> end time (a failed job that
+        ran still used the accelerator)."""
+        admitted = self._admissions.pop(job.id, None)
+        if admitted is None or self._quotas is None:
+            return
+        self._quotas.release(admitted)
+        ran = job.meta.get("execution_s")
+        started = job.entered_at.get(JobState.RUNNING)
+        if ran is None and started is not None:
+            ended = job.entered_at.get(JobState.ERROR, self._clock.monotonic())
+            ran = max(0.0, ended - started)
+        if ran:
+            try:
+                self._quotas.charge(admitted, float(ran), job.id)
+            except Exception:  # the ledger must never turn a finished job into a broker error
+                log.exception(
+                    "job %s: could not charge %s s to %s", job.id, ran, job.owner_pseudonym
+                )
+
     def _busy(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
         return job is not None and not job.state.terminal
@@ -452,16 +503,23 @@ class BrokerService:
 class _PendingResult:
     """The result of one attempt: a store writer opened on the first chunk."""
 
-    def __init__(self, store: ResultStore, job_id: str) -> None:
+    def __init__(self, store: ResultStore, job_id: str, limit: int | None = None) -> None:
         self._store = store
         self._job_id = job_id
         self._writer: ResultWriter | None = None
+        self._limit = limit  # the owner's result-size quota; None: only the store's own cap
+        self._received = 0
 
     def write(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._limit is not None:
+            caps.check_result(self._received, self._limit)
         self._writer = self._writer or self._store.begin(self._job_id)
         self._writer.write(chunk)
 
     def commit(self, done: pb.ResultEnd) -> ResultRef:
+        if self._limit is not None:
+            caps.check_result(max(done.total_bytes, self._received), self._limit)
         writer, self._writer = self._writer or self._store.begin(self._job_id), None
         return writer.commit(done.total_bytes, done.sha256 or None)
 

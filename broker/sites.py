@@ -10,6 +10,7 @@ rather than as the user's error.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from typing import Protocol
@@ -91,6 +92,15 @@ class GrpcSiteClient:
         except grpc.aio.AioRpcError as error:
             raise _unavailable(site, error) from error
         return reply.found
+
+    def update_addresses(self, addresses: Mapping[str, str]) -> None:
+        """Follow the site catalog: sites that moved or left lose their channel (closed in the
+        background, so calls still on it finish or fail on their own)."""
+        for site, channel in list(self._channels.items()):
+            if addresses.get(site) != self._addresses.get(site):
+                del self._channels[site]
+                asyncio.get_running_loop().create_task(channel.close(grace=5.0))
+        self._addresses = dict(addresses)
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}

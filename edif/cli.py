@@ -166,7 +166,7 @@ def demo() -> None:
 
 @main.group()
 def agent() -> None:
-    """Run a site agent."""
+    """Run a site agent, join it to a broker, make it leave, or install it as a service."""
 
 
 @agent.command("run")
@@ -192,6 +192,86 @@ def agent_run(
         run(site_file, settings)
 
 
+_SITE_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@agent.command("join")
+@click.option("--broker", "broker_url", required=True, envvar="EDIF_BROKER_URL", help="Broker URL.")
+@click.option(
+    "--token",
+    "join_token",
+    required=True,
+    envvar="EDIF_JOIN_TOKEN",
+    help="Join token (edif token issue --role site --site NAME --ttl 15m); or EDIF_JOIN_TOKEN.",
+)
+@click.option("--site", "site_file", required=True, type=_SITE_FILE, help="The site's YAML.")
+@click.option("--advertise", default=None, help="host:port the broker calls (default: --listen).")
+@click.option("--listen", default=None, help="gRPC listen address, e.g. 0.0.0.0:50051.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster (default: start one).")
+@click.option("--drain-timeout", type=float, default=60.0, show_default=True, help="Seconds.")
+def agent_join(
+    broker_url: str,
+    join_token: str,
+    site_file: Path,
+    advertise: str | None,
+    listen: str | None,
+    ray_address: str | None,
+    drain_timeout: float,
+) -> None:
+    """Join a broker: place the models, register, serve until SIGTERM (then drain, leave)."""
+    from site_agent.join import JoinOptions, run_join
+    from site_agent.main import AgentSettings
+
+    overrides = {"listen": listen, "ray_address": ray_address}
+    settings = AgentSettings(**{k: v for k, v in overrides.items() if v is not None})
+    options = JoinOptions(broker_url, join_token.strip(), advertise, drain_timeout)
+    with edif_errors():
+        run_join(site_file, options, settings)
+
+
+@agent.command("leave")
+@click.option("--site", "site_file", required=True, type=_SITE_FILE, help="The site's YAML.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
+def agent_leave(site_file: Path, timeout: float) -> None:
+    """Make this machine's agent for the site deregister, drain its jobs and exit."""
+    from site_agent.join import leave
+
+    with edif_errors():
+        pid = leave(site_file, timeout)
+    click.echo(f"agent {pid} left", err=True)
+
+
+@agent.command("install-service")
+@click.option("--site", "site_file", required=True, type=_SITE_FILE, help="The site's YAML.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/systemd/system"),
+    show_default=True,
+    help="Unit file, or a folder for edif-agent-<site>.service.",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/edif/agent.env"),
+    show_default=True,
+    help="The EnvironmentFile the unit reads (EDIF_BROKER_URL, EDIF_JOIN_TOKEN, ...).",
+)
+def agent_install_service(site_file: Path, output: Path, env_file: Path) -> None:
+    """Write a systemd unit that runs `edif agent join` for the site; print where."""
+    from site_agent.config import load_site_config
+    from site_agent.service_unit import write_unit
+
+    with edif_errors():
+        site = load_site_config(site_file).site
+        try:
+            target = write_unit(site, site_file, output, env_file)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the unit: {exc}") from exc
+    click.echo(str(target))
+    click.echo(f"then: systemctl daemon-reload && systemctl enable --now {target.name}", err=True)
+
+
 @main.group()
 def broker() -> None:
     """Run the broker."""
@@ -205,3 +285,254 @@ def broker_run() -> None:
 
     with edif_errors():
         run(BrokerSettings())
+
+
+# -- governance: quotas and usage (edif.admin_client talks to the broker's /admin/api) -------
+
+
+def _admin_options(command: Any) -> Any:
+    command = click.option(
+        "--token", default=None, help="Governance/admin token (default: $EDIF_TOKEN)."
+    )(command)
+    return click.option(
+        "--broker", "broker_url", default=None, help="Broker URL (default: $EDIF_BROKER_URL)."
+    )(command)
+
+
+def _admin_client(broker_url: str | None, token: str | None) -> Any:
+    from edif.admin_client import AdminClient, AdminClientSettings
+
+    settings = AdminClientSettings()
+    return AdminClient(broker_url or settings.broker_url, token or settings.token)
+
+
+@main.group()
+def quota() -> None:
+    """Show and set fair-use quota policies (governance and admin roles)."""
+
+
+@quota.command("show")
+@_admin_options
+def quota_show(broker_url: str | None, token: str | None) -> None:
+    """Print the defaults, role and group policies and the precedence rule (JSON)."""
+    with edif_errors():
+        click.echo(json.dumps(_admin_client(broker_url, token).quotas(), indent=2))
+
+
+@quota.command("set")
+@click.option("--role", default=None, help="Set the policy of this role.")
+@click.option("--group", default=None, help="Set the policy of this group.")
+@click.option("--rate", "rate_per_s", type=float, default=None, help="Requests per second.")
+@click.option("--burst", type=int, default=None, help="Requests allowed back to back.")
+@click.option("--max-concurrent", type=int, default=None, help="Unfinished jobs at once.")
+@click.option("--max-payload-bytes", type=int, default=None, help="Request payload cap.")
+@click.option("--max-result-bytes", type=int, default=None, help="Result size cap per job.")
+@click.option(
+    "--gpu-seconds",
+    default=None,
+    help="Per-user GPU-seconds per period, or 'unlimited'.",
+)
+@click.option(
+    "--group-gpu-seconds",
+    default=None,
+    help="GPU-seconds the whole group shares per period (--group only), or 'unlimited'.",
+)
+@click.option("--period", type=click.Choice(["day", "week", "month"]), default=None)
+@_admin_options
+def quota_set(
+    role: str | None,
+    group: str | None,
+    gpu_seconds: str | None,
+    group_gpu_seconds: str | None,
+    broker_url: str | None,
+    token: str | None,
+    **limits: Any,
+) -> None:
+    """Create or change one policy; options left out keep their value. Prints it (JSON)."""
+    if (role is None) == (group is None):
+        raise click.UsageError("name exactly one of --role R or --group G")
+    if group_gpu_seconds is not None and group is None:
+        raise click.UsageError("--group-gpu-seconds applies to a --group policy")
+    changes = {k: v for k, v in limits.items() if v is not None}
+    for field, value in (
+        ("gpu_seconds", gpu_seconds),
+        ("group_gpu_seconds", group_gpu_seconds),
+    ):
+        if value is None:
+            continue
+        if value.strip().lower() == "unlimited":
+            changes[f"unlimited_{field}"] = True
+            continue
+        try:
+            changes[f"{field}_per_period"] = float(value)
+        except ValueError:
+            raise click.BadParameter(
+                "a number or 'unlimited'", param_hint=f"--{field.replace('_', '-')}"
+            ) from None
+    scope, name = ("role", role) if role is not None else ("group", group)
+    with edif_errors():
+        reply = _admin_client(broker_url, token).set_quota(scope, name, changes)
+    click.echo(json.dumps(reply, indent=2))
+
+
+@quota.command("delete")
+@click.option("--role", default=None, help="Remove the policy of this role.")
+@click.option("--group", default=None, help="Remove the policy of this group.")
+@_admin_options
+def quota_delete(
+    role: str | None, group: str | None, broker_url: str | None, token: str | None
+) -> None:
+    """Remove one policy (the next rule in precedence applies again)."""
+    if (role is None) == (group is None):
+        raise click.UsageError("name exactly one of --role R or --group G")
+    scope, name = ("role", role) if role is not None else ("group", group)
+    with edif_errors():
+        reply = _admin_client(broker_url, token).delete_quota(scope, name)
+    click.echo(json.dumps(reply, indent=2))
+
+
+@main.command("usage")
+@click.option(
+    "--period", type=click.Choice(["day", "week", "month"]), default="day", show_default=True
+)
+@_admin_options
+def usage(period: str, broker_url: str | None, token: str | None) -> None:
+    """Print GPU-seconds per user pseudonym and per group in the current period (JSON)."""
+    with edif_errors():
+        click.echo(json.dumps(_admin_client(broker_url, token).usage(period), indent=2))
+
+
+# -- audit (governance: broker.audit) ---------------------------------------------------------
+
+_audit_data_dir = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The broker's data dir (default: EDIF_BROKER_DATA_DIR, else $EDIF_HOME/broker).",
+)
+
+
+def _open_audit(data_dir: Path | None) -> Any:
+    """The broker's audit log (an AuditError when there is none: verify must not pass on air)."""
+    from broker.audit import open_audit_log
+    from broker.config import BrokerSettings
+    from edif.errors import AuditError
+
+    settings = BrokerSettings(**({"data_dir": data_dir} if data_dir else {}))
+    db = settings.data_dir / "audit" / "audit.db"
+    if not db.exists():
+        raise AuditError(f"no audit log at {db}: is this the broker's data dir?")
+    return open_audit_log(settings.data_dir, settings.keys_dir, None)
+
+
+def _when(text: str | None) -> float | None:
+    """An ISO date/time (UTC unless it says otherwise), or a duration back from now (7d)."""
+    import time
+    from datetime import UTC, datetime
+
+    if text is None:
+        return None
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r}: use 2026-01-31, 2026-01-31T12:00 or 7d") from exc
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+@main.group()
+def audit() -> None:
+    """Verify, export and erase the broker's audit log (run on the broker's host)."""
+
+
+@audit.command("verify")
+@_audit_data_dir
+@click.option("--quiet", is_flag=True, help="Print only the verdict, not the entries.")
+def audit_verify(data_dir: Path | None, quiet: bool) -> None:
+    """Check the hash chain and the signed head; exit 1 naming the first bad entry."""
+    from datetime import UTC, datetime
+
+    with edif_errors():
+        log = _open_audit(data_dir)
+        report = log.verify()
+        entries = [] if quiet or not report.ok else log.entries()
+    if not report.ok:
+        for problem in report.problems:
+            click.echo(f"  entry {problem.seq}: {problem.reason}", err=True)
+        raise click.ClickException(report.summary())
+    for e in entries:
+        when = datetime.fromtimestamp(e.ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        who = "(erased)" if e.erased else (e.pseudonym or "-")
+        click.echo(
+            f"{e.seq:>6} {when} {e.action:<16} {who:<34} {e.model or '-'} "
+            f"site={e.site or '-'} in={e.bytes_in} out={e.bytes_out} gpu_s={e.gpu_s:g} "
+            f"{e.outcome or ''}".rstrip()
+        )
+    click.echo(report.summary())
+
+
+@audit.command("export")
+@_audit_data_dir
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json")
+@click.option("--since", default=None, help="From this date/time (ISO) or duration ago (7d).")
+@click.option("--until", default=None, help="Before this date/time (ISO) or duration ago.")
+@click.option("--user", default=None, help="Only this data subject's entries (GDPR export).")
+def audit_export(
+    data_dir: Path | None, fmt: str, since: str | None, until: str | None, user: str | None
+) -> None:
+    """Print entries and accounting rows as JSON or CSV on stdout."""
+    from broker.audit import AuditFilter
+    from broker.audit.export import to_csv, to_json
+
+    window = AuditFilter(since=_when(since), until=_when(until))
+    with edif_errors():
+        log = _open_audit(data_dir)
+        if user is not None:
+            found = log.export_subject(user, window)
+            entries, rows, pseudonyms = found.entries, found.accounting, found.pseudonyms
+        else:
+            entries, rows, pseudonyms = log.entries(window), log.accounting(), None
+    click.echo(
+        to_json(entries, rows, pseudonyms) if fmt == "json" else to_csv(entries, rows), nl=False
+    )
+
+
+@audit.command("erase")
+@_audit_data_dir
+@click.option("--user", required=True, help="The data subject (their user id, e.g. an e-mail).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def audit_erase(data_dir: Path | None, user: str, yes: bool) -> None:
+    """Unlink a person from their audit entries (GDPR erasure); the log stays verifiable."""
+    if not yes:
+        click.confirm(f"Erase {user}'s link to every audit entry, for good?", abort=True)
+    with edif_errors():
+        report = _open_audit(data_dir).erase(user)
+    click.echo(report.model_dump_json(indent=2))
+
+
+@audit.command("compact")
+@_audit_data_dir
+@click.option("--older-than", type=Duration(), default=None, help="Default: the retention.")
+def audit_compact(data_dir: Path | None, older_than: int | None) -> None:
+    """Turn expired detailed entries into accounting rows now (the broker does it hourly)."""
+    from broker.config import BrokerSettings
+
+    retention = older_than or BrokerSettings().audit_detailed_retention_days * 86400
+    with edif_errors():
+        entry = _open_audit(data_dir).compact(retention)
+    click.echo(json.dumps(entry.data if entry else {"removed": 0}, indent=2))
+
+
+@audit.command("rotate-key")
+def audit_rotate_key() -> None:
+    """Start a new audit pseudonym key; new entries use it (old keys stay for export/erasure)."""
+    from broker.audit import AuditKeyring
+    from broker.config import BrokerSettings
+
+    settings = BrokerSettings()
+    with edif_errors():
+        keys = settings.keys_dir or KeyStore.default().directory
+        click.echo(AuditKeyring(keys).rotate())

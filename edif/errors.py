@@ -153,3 +153,19 @@ class SourceRefused(PayloadRefused):
     def __init__(self, message: str, lineno: int | None = None) -> None:
         super().__init__(message)
         self.lineno = lineno
+
+
+class QuotaExceeded(EdifError):
+    """A fair-use quota refused the request (rate, concurrent jobs, GPU-seconds budget, result
+    size). The message names what was exceeded, the current use, the limit and when it resets."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class BrokerUnreachable(Unavailable):
+    """A site agent could not reach the broker it joins (network, TLS, or a 5xx reply)."""
+
+
+class AuditError(EdifError):
+    """The audit log could not be read or written (disk, database); the message names it."""

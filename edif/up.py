@@ -2,11 +2,16 @@
 
 Flow: build the demo models and the broker's signing key under `$EDIF_HOME` → start a local
 Ray cluster in this process (the agents join it with `--ray-address`, so the machine runs one
-Ray, not three) → start three site agents and the broker as subprocesses on free loopback
-ports → ready when the broker's `/ping` answers → run until SIGINT/SIGTERM, then stop the
-children and Ray. While running it supervises the agents like a service manager would: an agent
-that dies (a crash, or `kill -9` in a failover test) is restarted after a short backoff and
-rejoins; the broker dying ends the mesh. Tests start this same command as a subprocess, so
+Ray, not three) → start the broker (embedded site catalog, heartbeat TTL `site_ttl_s`) and wait
+for its `/ping` → for each demo site issue a short-lived join token with the mesh's KeyStore and
+start `edif agent join` on a free loopback port (the token travels in `EDIF_JOIN_TOKEN`, not on
+the command line) → run until SIGINT/SIGTERM, then stop the children and Ray. The agents'
+addresses are also written to `run/sites.yaml`, a static sites file for extra brokers (the
+e2e tests' URL-only broker). While running it supervises the agents like a service manager
+with `Restart=on-failure`: an agent that dies (a crash, or `kill -9` in a failover test) goes
+critical in the catalog once its heartbeats stop, and is restarted after a short backoff with a
+fresh join token and joins again; one that left cleanly (`edif agent leave`, exit 0) stays
+gone. The broker dying ends the mesh. Tests start this same command as a subprocess, so
 what they exercise is exactly what `make demo` runs.
 """
 
@@ -23,6 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from auth.keys import KeyStore
+from auth.roles import Role
+from auth.tokens import TokenIssuer
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SITES_DIR = REPO / "deploy" / "sites" / "demo"
@@ -55,6 +64,9 @@ class DemoOptions:
     state_file: Path | None = None
     sites_dir: Path = DEMO_SITES_DIR
     restart_backoff_s: float = 2.0
+    site_ttl_s: float = 3.0  # catalog heartbeat TTL: a killed agent is critical within ~3 s
+    site_deregister_after_s: float = 60.0
+    join_token_ttl_s: int = 15 * 60
 
 
 class DemoMesh:
@@ -64,35 +76,36 @@ class DemoMesh:
         self.logs_dir = self.run_dir / "logs"
         self.procs: dict[str, subprocess.Popen] = {}
         self.argv: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.join_site: dict[str, str] = {}  # process name -> site, for a fresh join token
+        self.keys: KeyStore | None = None
         self.died_at: dict[str, float] = {}
         self.state: MeshState | None = None
 
     def start(self) -> MeshState:
-        from auth.keys import KeyStore
         from edif.demo.models import ensure_all
         from site_agent import ray_pool
 
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         ensure_all(self.opt.home)
-        keys = KeyStore(self.opt.home / "keys")
-        keys.signing_key()
-        jwks_file = self.run_dir / "broker-jwks.json"
-        jwks_file.write_text(json.dumps(keys.jwks()))
+        self.keys = KeyStore(self.opt.home / "keys")
+        self.keys.signing_key()
         ray_pool.connect(None, num_cpus=os.cpu_count())
         import ray
 
         ray_address = ray.get_runtime_context().gcs_address
-        agents = self._start_agents(ray_address, jwks_file)
         broker_port = self.opt.port or free_port()
-        self._start_broker(broker_port, agents)
+        broker_url = f"http://127.0.0.1:{broker_port}"
+        self._start_broker(broker_port)
+        self._wait_ping(broker_url)
+        agents = self._start_agents(ray_address, broker_url)
+        self._write_sites_file(agents)
         self.state = MeshState(
-            broker_url=f"http://127.0.0.1:{broker_port}",
+            broker_url=broker_url,
             broker_pid=self.procs["broker"].pid,
             agents=agents,
             ray_address=ray_address,
             logs_dir=str(self.logs_dir),
         )
-        self._wait_ping(self.state.broker_url)
         self._write_state()
         return self.state
 
@@ -110,6 +123,8 @@ class DemoMesh:
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        if name in self.join_site:  # each (re)start joins with a fresh short-lived token
+            env = {**env, "EDIF_JOIN_TOKEN": self._join_token(self.join_site[name])}
         log = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -118,48 +133,55 @@ class DemoMesh:
         self.argv[name] = (argv, env)
         return proc
 
-    def _start_agents(self, ray_address: str, jwks_file: Path) -> dict[str, dict]:
+    def _join_token(self, site: str) -> str:
+        assert self.keys is not None
+        issuer = TokenIssuer(self.keys)
+        return issuer.issue(f"site:{site}", Role.SITE, self.opt.join_token_ttl_s, site=site)
+
+    def _start_agents(self, ray_address: str, broker_url: str) -> dict[str, dict]:
+        from site_agent.config import load_site_config
+
         agents: dict[str, dict] = {}
         for config in sorted(self.opt.sites_dir.glob("*.yaml")):
-            from site_agent.config import load_site_config
-
             site = load_site_config(config).site
             port = free_port()
             env = self._env()
+            env.pop("EDIF_JOIN_TOKEN", None)
             if self.opt.time_limit_s:
                 env["EDIF_AGENT_EXECUTION_TIME_S"] = str(self.opt.time_limit_s)
             argv = [
-                sys.executable,
-                "-m",
-                "edif",
-                "agent",
-                "run",
-                "--site",
-                str(config),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--ray-address",
-                ray_address,
-                "--broker-jwks",
-                str(jwks_file),
+                *(sys.executable, "-m", "edif", "agent", "join"),
+                *("--broker", broker_url, "--site", str(config)),
+                *("--listen", f"127.0.0.1:{port}", "--ray-address", ray_address),
+                *("--drain-timeout", "10"),
             ]
+            self.join_site[f"agent-{site}"] = site
             proc = self._spawn(f"agent-{site}", argv, env)
             agents[site] = {"pid": proc.pid, "port": port, "config": str(config)}
         return agents
 
-    def _start_broker(self, port: int, agents: dict[str, dict]) -> None:
-        sites_file = self.run_dir / "sites.yaml"
+    def _write_sites_file(self, agents: dict[str, dict]) -> None:
+        """The agents as a static sites file, for brokers that do not follow the catalog."""
         sites = [{"name": s, "address": f"127.0.0.1:{a['port']}"} for s, a in agents.items()]
-        sites_file.write_text(json.dumps({"sites": sites}, indent=2))  # JSON is valid YAML
+        # JSON is valid YAML; written whole, then renamed, so a reader never sees half of it.
+        tmp = self.run_dir / "sites.yaml.tmp"
+        tmp.write_text(json.dumps({"sites": sites}, indent=2))
+        tmp.replace(self.run_dir / "sites.yaml")
+
+    def _start_broker(self, port: int) -> None:
         env = self._env()
+        env.pop("EDIF_CONSUL_ADDR", None)  # the demo's catalog is the broker's embedded one
         env.update(
             {
                 "EDIF_BROKER_HOST": "127.0.0.1",
                 "EDIF_BROKER_PORT": str(port),
-                "EDIF_BROKER_SITES_FILE": str(sites_file),
                 "EDIF_BROKER_DATA_DIR": str(self.run_dir / "broker"),
+                "EDIF_BROKER_SITE_HEARTBEAT_TTL_S": str(self.opt.site_ttl_s),
+                "EDIF_BROKER_SITE_DEREGISTER_AFTER_S": str(self.opt.site_deregister_after_s),
+                "EDIF_BROKER_STARTUP_WAIT_S": "0",  # sites join after the broker is up
             }
         )
+        env.pop("EDIF_BROKER_SITES_FILE", None)
         if self.opt.heartbeat_s:
             env["EDIF_BROKER_HEARTBEAT_S"] = str(self.opt.heartbeat_s)
         if self.opt.inline_max_bytes is not None:
@@ -188,11 +210,14 @@ class DemoMesh:
                 )
 
     def supervise(self) -> None:
-        """Restart agents that died, after a backoff; a dead broker is fatal."""
+        """Restart agents that failed, after a backoff; a dead broker is fatal.
+
+        Like systemd's Restart=on-failure: an agent that exits 0 left on purpose
+        (`edif agent leave`) and stays down."""
         self._check_children()
         now = time.monotonic()
         for name, proc in list(self.procs.items()):
-            if not name.startswith("agent-") or proc.poll() is None:
+            if not name.startswith("agent-") or proc.poll() in (None, 0):
                 continue
             died = self.died_at.setdefault(name, now)
             if now - died < self.opt.restart_backoff_s:

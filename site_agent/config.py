@@ -32,7 +32,12 @@ class ModelConfig(_Strict):
     # Where the weights come from: None = the Hub repo itself; else a local folder.
     source: str | None = None
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
-    device_map: str = "auto"
+    # Explicit placement (e.g. "cpu", "cuda:1", "auto"); None: `edif agent join` places the
+    # model from its memory estimate (`site_agent.placement`), `edif agent run` uses "auto".
+    device_map: str | None = None
+    # Per-device memory budgets for accelerate (bytes by GPU index or "cpu"); set by the
+    # placement when a model spans devices.
+    max_memory: dict[int | str, int] | None = None
     cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved for the worker")
     torch_threads: int = Field(default=1, ge=1)
 

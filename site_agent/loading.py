@@ -17,7 +17,9 @@ def load_model(cfg: ModelConfig) -> Any:
     import torch
     from nnsight import TransformersModel
 
-    kwargs: dict[str, Any] = {"dispatch": True, "device_map": cfg.device_map}
+    kwargs: dict[str, Any] = {"dispatch": True, "device_map": cfg.device_map or "auto"}
+    if cfg.max_memory:
+        kwargs["max_memory"] = dict(cfg.max_memory)
     if cfg.dtype != "auto":
         kwargs["dtype"] = getattr(torch, cfg.dtype)
     if cfg.revision:

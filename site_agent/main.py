@@ -1,6 +1,7 @@
 """Run a site agent: load the site config, start model workers on Ray, serve gRPC.
 
-Flow: validate the config → detect hardware → fetch the trusted broker's public keys →
+Flow (`edif agent run`; `edif agent join` is `site_agent.join`, which reuses `start_agent`):
+validate the config → detect hardware → fetch the trusted broker's public keys →
 connect to Ray (`--ray-address`) or start a local one → start the gRPC server (Describe
 answers at once, models show DEPLOYING) → load every model in its own worker → mark them
 healthy → serve until SIGINT/SIGTERM, then stop taking calls and shut down.
@@ -13,8 +14,12 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -83,8 +88,39 @@ def broker_verifier(cfg: SiteConfig, jwks: dict):
     return verify
 
 
-async def serve(cfg: SiteConfig, settings: AgentSettings) -> None:
-    jwks = load_jwks(settings.broker_jwks or cfg.broker.jwks, settings.jwks_wait_s)
+@dataclass
+class RunningAgent:
+    """A started agent: its gRPC server (serving), executor and the model-loading task."""
+
+    server: grpc.aio.Server
+    health: Any
+    executor: PoolExecutor
+    port: int
+    loading: asyncio.Task
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop looking healthy and wait (up to `timeout_s`) for running and queued jobs."""
+        await set_health(self.health, {key: False for key in self.executor.slots})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.busy() and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+
+    def busy(self) -> int:
+        return sum(slot.queue_depth for slot in self.executor.slots.values())
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self.loading.cancel()
+        await self.server.stop(grace=grace_s)
+
+
+async def start_agent(
+    cfg: SiteConfig,
+    settings: AgentSettings,
+    jwks: dict,
+    on_loaded: Callable[[PoolExecutor, SiteConfig], None] | None = None,
+) -> RunningAgent:
+    """Serve gRPC now (models show DEPLOYING) and load the models in the background."""
     verify = broker_verifier(cfg, jwks)
     hardware = detect()
     ray_pool.connect(settings.ray_address, settings.ray_num_cpus)
@@ -97,20 +133,35 @@ async def serve(cfg: SiteConfig, settings: AgentSettings) -> None:
     await server.start()
     await set_health(health, {key: False for key in executor.slots})
     print(f"edif-agent listening site={cfg.site} port={port}", flush=True)
+    loading = asyncio.create_task(_load(executor, health, cfg, on_loaded or _print_summary))
+    return RunningAgent(server, health, executor, port, loading)
+
+
+def stop_event() -> asyncio.Event:
+    """Set on SIGINT or SIGTERM (a service manager's stop, `edif agent leave`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loading = asyncio.create_task(_load(executor, health, cfg))
-    await stop.wait()
-    loading.cancel()
-    await server.stop(grace=5.0)
+    return stop
 
 
-async def _load(executor: PoolExecutor, health, cfg: SiteConfig) -> None:
+async def serve(cfg: SiteConfig, settings: AgentSettings) -> None:
+    jwks = load_jwks(settings.broker_jwks or cfg.broker.jwks, settings.jwks_wait_s)
+    agent = await start_agent(cfg, settings, jwks)
+    await stop_event().wait()
+    await agent.stop()
+
+
+async def _load(
+    executor: PoolExecutor,
+    health,
+    cfg: SiteConfig,
+    on_loaded: Callable[[PoolExecutor, SiteConfig], None],
+) -> None:
     await executor.start()
     await set_health(health, {k: s.state.value == "RUNNING" for k, s in executor.slots.items()})
-    _print_summary(executor, cfg)
+    on_loaded(executor, cfg)
 
 
 def _print_summary(executor: PoolExecutor, cfg: SiteConfig) -> None:
