@@ -68,6 +68,7 @@ SITE = "bench"
 PROMPT = "The capital of France is"  # 8 tokens with the demo tokenizer
 PROMPT_10 = "The capital of germany is berlin"  # 10 tokens with the demo tokenizer
 SAVED_LAYER = {TINY: 1, SMALL: 5}
+SECTIONS = ("latency", "delivery", "slice", "hops")
 TORCH_THREADS = 1  # the site config's torch_threads, and the local reference's
 
 SITE_YAML = """\
@@ -909,7 +910,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def print_report(report: dict[str, Any]) -> None:
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_latency(report: dict[str, Any]) -> None:
     print("\n== 1. latency: remote vs local (ms), small trace, torch threads = 1 ==")
     header = f"{'model':<30}{'local p50':>10}{'p95':>8}{'remote p50':>12}{'p95':>8}"
     print(header + f"{'overhead p50':>14}{'site exec p50':>15}")
@@ -927,22 +932,25 @@ def print_report(report: dict[str, Any]) -> None:
     print("\n  protocol pieces on their own (no job), ms:")
     for name, stats in report["floor"].items():
         print(f"    {name:<42}p50 {stats['p50']:>7.2f}   p95 {stats['p95']:>7.2f}")
+
+
+def print_delivery(report: dict[str, Any]) -> None:
     print("\n== 2. result delivery on loopback (COMPRESS=False) ==")
     print(
         f"{'size':>7}  {'broker':<14}{'via':<7}{'runs':>5}{'wall p50 s':>11}{'base s':>8}"
         f"{'MB/s':>9}{'site exec s':>12}{'RUN->DONE s':>12}{'download s':>11}{'load s':>8}"
     )
     for row in report["delivery"]:
-
-        def f(value: float | None) -> str:
-            return "-" if value is None else f"{value:.3f}"
-
         print(
             f"{row['size']:>7}  {row['broker']:<14}{row['delivery']:<7}{row['runs']:>5}"
             f"{row['wall_s']['p50']:>11.3f}{row['baseline_p50_s']:>8.3f}{row['mb_per_s']:>9.1f}"
-            f"{f(row['site_execution_s_p50']):>12}{f(row['running_to_completed_s_p50']):>12}"
-            f"{f(row['download_s_p50']):>11}{f(row['finalize_s_p50']):>8}"
+            f"{_fmt(row['site_execution_s_p50']):>12}"
+            f"{_fmt(row['running_to_completed_s_p50']):>12}"
+            f"{_fmt(row['download_s_p50']):>11}{_fmt(row['finalize_s_p50']):>8}"
         )
+
+
+def print_slice(report: dict[str, Any]) -> None:
     print("\n== 3. result bytes of a saved slice (GPT-2-small shape, 10-token prompt) ==")
     print(
         f"{'saved':<24}{'compress':>9}{'via':>7}{'own B':>8}{'full h B':>10}{'received B':>12}"
@@ -956,12 +964,26 @@ def print_report(report: dict[str, Any]) -> None:
             f"{row['meta_result_bytes']:>9}{got / row['own_bytes']:>10.2f}"
             f"{got / row['full_hidden_bytes']:>10.3f}"
         )
-    if report.get("hops"):
-        print("\n== 4. the same payload, one hop more at a time (p50) ==")
-        for label, row in report["hops"].items():
-            print(f"  {label} ({row['runs']} runs):")
-            for name, value in row["p50_s"].items():
-                print(f"    {name:<58}{value * 1e3:>10.1f} ms")
+
+
+def print_hops(report: dict[str, Any]) -> None:
+    print("\n== 4. the same payload, one hop more at a time (p50) ==")
+    for label, row in report["hops"].items():
+        print(f"  {label} ({row['runs']} runs):")
+        for name, value in row["p50_s"].items():
+            print(f"    {name:<58}{value * 1e3:>10.1f} ms")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    printers = {
+        "latency": print_latency,
+        "delivery": print_delivery,
+        "slice": print_slice,
+        "hops": print_hops,
+    }
+    for key, printer in printers.items():
+        if report.get(key):
+            printer(report)
     loads = report["machine"].get("loadavg_at", {})
     if loads:
         print("\n  1-min load average (2 cores) when each section began: ", end="")
@@ -976,7 +998,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 def targets(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for row in report["latency"]:
+    for row in report.get("latency", []):
         if row["model"] == TINY:
             value = row["overhead_p50_ms"]
             out["fixed overhead p50, tiny-gpt2 (ms)"] = {
@@ -984,7 +1006,7 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
                 "target": "<= 15",
                 "met": value <= 15,
             }
-    for row in report["delivery"]:
+    for row in report.get("delivery", []):
         if row["tensor_bytes"] == GiB:
             value = row["mb_per_s"]
             met = value >= 500
@@ -1001,12 +1023,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-hops", dest="hops", action="store_false", help="skip the per-hop decomposition"
     )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary EDIF_HOME")
     parser.add_argument("--serve-mesh", nargs=3, metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_mesh:
         serve_mesh(*(Path(p) for p in args.serve_mesh))
         return 0
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
     runs = 5 if args.quick else args.runs
     warmups = 1 if args.quick else 3
 
@@ -1030,19 +1060,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  up in {time.monotonic() - started:.1f} s: {mesh.urls}", flush=True)
         client = Client(mesh)
         load = report["machine"]["loadavg_at"] = {"start": os.getloadavg()}
-        report["floor"] = bench_floor(client, runs)
-        report["latency"] = []
-        for repo_id in (TINY, SMALL):
-            print(f"latency: {repo_id} ({runs} runs after {warmups} warm-ups) ...", flush=True)
-            load[f"latency {repo_id}"] = os.getloadavg()
-            report["latency"].append(bench_latency(client, repo_id, runs, warmups))
-        print("result delivery ...", flush=True)
-        load["delivery"] = os.getloadavg()
-        report["delivery"] = bench_delivery(client, args.quick, args.big, runs)
-        print("slice bytes ...", flush=True)
-        load["slice"] = os.getloadavg()
-        report["slice"] = bench_slice(client)
-        if args.hops:
+        if "latency" in sections:
+            report["floor"] = bench_floor(client, runs)
+            report["latency"] = []
+            for repo_id in (TINY, SMALL):
+                print(f"latency: {repo_id} ({runs} runs after {warmups} warm-ups) ...", flush=True)
+                load[f"latency {repo_id}"] = os.getloadavg()
+                report["latency"].append(bench_latency(client, repo_id, runs, warmups))
+        if "delivery" in sections:
+            print("result delivery ...", flush=True)
+            load["delivery"] = os.getloadavg()
+            report["delivery"] = bench_delivery(client, args.quick, args.big, runs)
+        if "slice" in sections:
+            print("slice bytes ...", flush=True)
+            load["slice"] = os.getloadavg()
+            report["slice"] = bench_slice(client)
+        if "hops" in sections and args.hops:
             print("hops ...", flush=True)
             load["hops"] = os.getloadavg()
             report["hops"] = bench_hops(client, runs, args.big)

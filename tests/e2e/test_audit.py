@@ -43,11 +43,7 @@ def edif_audit(mesh, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def job(mesh) -> str:
-    """Run one job as SUB; returns the token it used.
-
-    The job's own outcome does not matter here (a result the broker refuses ends in ERROR):
-    either way it must be audited at submission and at its end.
-    """
+    """Run one job (completes) and one that raises (ERROR) as SUB; returns the token used."""
     token = mesh.token(sub=SUB)
     CONFIG.API.HOST = mesh.url
     CONFIG.API.APIKEY = token
@@ -55,9 +51,11 @@ def job(mesh) -> str:
     model = load(TINY_GPT2, home=mesh.home)
     try:
         with model.trace("The capital of France is", remote=True):
-            model.lm_head.output.save()
-    except RemoteError:
-        pass
+            logits = model.lm_head.output.save()
+        assert logits.shape[-1] == 400
+        with pytest.raises(RemoteError):
+            with model.trace("The capital of France is", remote=True):
+                model.transformer.h[9].output.save()
     finally:
         CONFIG.API.APIKEY = mesh.token()
     return token
@@ -69,9 +67,8 @@ def test_verify_passes_and_shows_the_job(mesh, job) -> None:
     assert "audit log OK" in result.stdout
     lines = [line for line in result.stdout.splitlines() if "tiny-gpt2" in line]
     assert any("job.submit" in line for line in lines)
-    assert any(
-        ("job.complete" in line or "job.error" in line) and "site=" in line for line in lines
-    )
+    assert any("job.complete" in line and "site=" in line for line in lines)
+    assert any("job.error" in line and "site=" in line for line in lines)
 
 
 def test_the_subject_can_export_their_entries(mesh, job) -> None:
@@ -79,8 +76,8 @@ def test_the_subject_can_export_their_entries(mesh, job) -> None:
     assert result.returncode == 0, result.stderr
     exported = json.loads(result.stdout)
     actions = {entry["action"] for entry in exported["entries"]}
-    assert "job.submit" in actions and actions & {"job.complete", "job.error"}
-    ended = next(e for e in exported["entries"] if e["action"] in ("job.complete", "job.error"))
+    assert {"job.submit", "job.complete", "job.error"} <= actions
+    ended = next(e for e in exported["entries"] if e["action"] == "job.complete")
     assert ended["bytes_in"] > 0 and ended["site"] and ended["pseudonym"].startswith("a-")
 
 
