@@ -78,7 +78,7 @@ def parse_model_key(key: object) -> ModelKey:
 def _parse_json_suffix(cls_path: str, suffix: str) -> ModelKey:
     try:
         fields = json.loads(suffix)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nesting too deep
         raise BadRequest(f"model_key suffix is not valid JSON: {error}") from error
     if not isinstance(fields, dict):
         raise BadRequest("model_key suffix must be a JSON object")

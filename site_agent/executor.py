@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import platform
 import time
 from collections.abc import AsyncIterator
@@ -174,7 +175,7 @@ class PoolExecutor:
     async def _stream_worker(
         self, slot: ModelSlot, job: JobSpec, ticket: _Ticket
     ) -> AsyncIterator[pb.ExecuteUpdate]:
-        limit = job.time_limit_s or self.config.limits.execution_time_s
+        limit = _effective_limit(job.time_limit_s, self.config.limits.execution_time_s)
         started = time.monotonic()
         deadline = started + limit
         assert slot.handle is not None
@@ -189,6 +190,8 @@ class PoolExecutor:
                 if update.HasField("done"):
                     slot.record_execution(time.monotonic() - started)
                 yield update
+                if update.HasField("error") and len(item) > 3 and item[3]:
+                    slot.replace()  # the job changed state shared with later jobs (worker.py)
                 if update.HasField("done") or update.HasField("error"):
                     return
         except TimeoutError:
@@ -212,6 +215,13 @@ class PoolExecutor:
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()
+
+
+def _effective_limit(requested: float, site_limit: float) -> float:
+    """The broker may ask for less time than the site allows, never more; junk means default."""
+    if math.isfinite(requested) and requested > 0:
+        return min(requested, site_limit)
+    return site_limit
 
 
 _ERROR_KINDS = {"USER": pb.USER, "REFUSED": pb.REFUSED, "INTERNAL": pb.INTERNAL}

@@ -8,6 +8,7 @@ is served beside it (unauthenticated, as health probes expect), one entry per mo
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -36,6 +37,10 @@ class SiteAgentServicer(pb_grpc.SiteAgentServicer):
     async def Execute(  # noqa: N802
         self, request: pb.ExecuteRequest, context
     ) -> AsyncIterator[pb.ExecuteUpdate]:
+        if not _is_json_object(request.env_json or "{}"):  # the worker would fail on it
+            refusal = "env_json is not a JSON object"
+            yield pb.ExecuteUpdate(error=pb.JobError(kind=pb.REFUSED, description=refusal))
+            return
         job = JobSpec(
             job_id=request.job_id,
             model_key=request.model_key,
@@ -49,6 +54,13 @@ class SiteAgentServicer(pb_grpc.SiteAgentServicer):
 
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelReply:  # noqa: N802
         return pb.CancelReply(found=await self.executor.cancel(request.job_id))
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 class BrokerAuthInterceptor(grpc.aio.ServerInterceptor):

@@ -141,3 +141,14 @@ async def test_failed_load_marks_model_unhealthy() -> None:
     assert "no such weights" in updates[-1].error.description
     described = executor.describe()
     assert described.models[0].state == "UNHEALTHY"
+
+
+def test_requested_time_limit_is_capped_by_the_site_and_junk_ignored() -> None:
+    from site_agent.executor import _effective_limit
+
+    assert _effective_limit(0.0, 300.0) == 300.0
+    assert _effective_limit(10.0, 300.0) == 10.0
+    assert _effective_limit(1e300, 300.0) == 300.0
+    assert _effective_limit(float("nan"), 300.0) == 300.0
+    assert _effective_limit(float("inf"), 300.0) == 300.0
+    assert _effective_limit(-1.0, 300.0) == 300.0
