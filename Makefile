@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format proto bench clean
+.PHONY: install demo test lint format proto bench clean chromium test-dashboard
 
 install: $(STAMP)
 
@@ -21,6 +21,16 @@ demo: install
 
 test: install lint
 	$(VENV)/bin/pytest -q -ra
+
+# Debian's Chromium for the dashboard's browser tests (Playwright drives /usr/bin/chromium;
+# `playwright install` downloads a browser build and cannot work here). Needs root; idempotent.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		apt-get update && apt-get install -y --no-install-recommends chromium; \
+	fi
+
+test-dashboard: install chromium
+	$(VENV)/bin/pytest -q -ra tests/dashboard
 
 lint: install
 	$(VENV)/bin/ruff check .

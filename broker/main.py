@@ -31,6 +31,7 @@ from broker.audit.housekeeping import with_retention
 from broker.catalog import SiteCatalog
 from broker.config import BrokerSettings
 from broker.credentials import CachedSiteCredentials
+from broker.dashboard import add_dashboard_routes
 from broker.join_api import add_join_routes
 from broker.joins import SiteRegistrar
 from broker.quotas.service import QuotaService
@@ -102,6 +103,7 @@ def build_app(
     embedded = registry if isinstance(registry, EmbeddedCatalog) else None
     add_join_routes(app, SiteRegistrar(keystore, settings, clock, embedded, consul.addr))
     add_admin_api_routes(app, quotas, verifier)
+    add_dashboard_routes(app, quotas, verifier, audit, service.deployments, clock)
     app.state.service = service
     app.state.quotas = quotas
     app.state.registry = registry

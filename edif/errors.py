@@ -169,3 +169,14 @@ class BrokerUnreachable(Unavailable):
 
 class AuditError(EdifError):
     """The audit log could not be read or written (disk, database); the message names it."""
+
+
+class SandboxViolation(PermissionError):
+    """Request code reached something the site's restricted runtime refuses (an import, a
+    builtin or an attribute the source policy forbids) while it ran; raised inside the block,
+    so the user sees it in their traceback."""
+
+
+class WorkerContaminated(UserCodeError):
+    """A job changed state the site's model worker shares with later jobs (a module attribute,
+    a model parameter, a hook). Its result is withheld and the worker is replaced."""

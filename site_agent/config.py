@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edif.errors import ConfigError
 
@@ -23,6 +30,16 @@ MODEL_CLASS = "nnsight.modeling.transformers.TransformersModel"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SandboxConfig(_Strict):
+    """The site sandbox's OS layer and isolation checks (see site_agent/containment.py)."""
+
+    # Without seccomp on this machine the agent refuses to serve unless this is false.
+    require_seccomp: bool = True
+    # Fingerprint shared state after each job; a job that changed it is failed and the
+    # worker replaced (site_agent/isolation.py).
+    check_isolation: bool = True
 
 
 class ModelConfig(_Strict):
@@ -40,6 +57,9 @@ class ModelConfig(_Strict):
     max_memory: dict[int | str, int] | None = None
     cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved for the worker")
     torch_threads: int = Field(default=1, ge=1)
+    # The site's `sandbox:` section, copied here so the worker (which gets only its model's
+    # config) applies it; set from SiteConfig, not per model.
+    sandbox: SandboxConfig = SandboxConfig()
 
     @field_validator("source")
     @classmethod
@@ -109,7 +129,20 @@ class SiteConfig(_Strict):
     access: AccessPolicy = AccessPolicy()
     scheduler: SchedulerConfig = SchedulerConfig()
     container: dict[str, str] = Field(default_factory=dict)
+    sandbox: SandboxConfig = SandboxConfig()
     models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sandbox_to_models(cls, data: object) -> object:
+        # Every worker applies the site's sandbox settings: hand each model a copy.
+        if isinstance(data, dict) and isinstance(data.get("models"), list):
+            sandbox = data.get("sandbox") or {}
+            models = [
+                {**m, "sandbox": sandbox} if isinstance(m, dict) else m for m in data["models"]
+            ]
+            data = {**data, "models": models}
+        return data
 
     @field_validator("models")
     @classmethod

@@ -54,6 +54,7 @@ from edif.errors import (
 )
 from site_agent.encoding import encode_result
 from site_agent.logrelay import LogRelay
+from site_agent.runtime_guard import builtins_dict
 from site_agent.source_policy import check_namespace, check_source, module_bindings
 from site_agent.unpickler import AllowlistUnpickler, PayloadPolicy
 
@@ -157,6 +158,11 @@ def deserialize(model: Any, payload: bytes, compress: bool, policy: PayloadPolic
         raise PayloadUnreadable(_unreadable(exc, compress)) from exc
     tracer.info.code = code.replace(co_name=frame.f_code.co_name)
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    # Layer 2: the block's code looks its builtins up here (`exec` would insert the real
+    # ones into nnsight's Scope, a copy of the locals, were the key missing there).
+    restricted = builtins_dict(policy.source)
+    glbls["__builtins__"] = restricted
+    variables["__builtins__"] = restricted
     frame.f_globals = glbls
     frame.f_locals = variables
     return tracer

@@ -122,6 +122,7 @@ async def start_agent(
 ) -> RunningAgent:
     """Serve gRPC now (models show DEPLOYING) and load the models in the background."""
     verify = broker_verifier(cfg, jwks)
+    _check_sandbox(cfg)
     hardware = detect()
     ray_pool.connect(settings.ray_address, settings.ray_num_cpus)
     executor = PoolExecutor(cfg, ray_pool.RayWorkerFactory(cfg.limits.result_chunk_bytes), hardware)
@@ -135,6 +136,27 @@ async def start_agent(
     print(f"edif-agent listening site={cfg.site} port={port}", flush=True)
     loading = asyncio.create_task(_load(executor, health, cfg, on_loaded or _print_summary))
     return RunningAgent(server, health, executor, port, loading)
+
+
+def _check_sandbox(cfg: SiteConfig) -> None:
+    """Say whether job threads can be contained here; refuse to serve if required and not."""
+    from site_agent.containment import probe
+
+    support = probe()
+    if support.available:
+        print(f"edif-agent sandbox: seccomp job-thread containment on ({support.reason})")
+        return
+    if cfg.sandbox.require_seccomp:
+        raise ConfigError(
+            f"site {cfg.site}: this machine cannot contain job threads with seccomp "
+            f"({support.reason}); install libseccomp2 and the pyseccomp package, or set "
+            "`sandbox: {require_seccomp: false}` in the site config to serve without it"
+        )
+    print(
+        f"edif-agent sandbox: WARNING seccomp unavailable ({support.reason}); serving "
+        "WITHOUT OS-level containment because the site config sets require_seccomp: false",
+        flush=True,
+    )
 
 
 def stop_event() -> asyncio.Event:

@@ -8,7 +8,16 @@ and the model's interleaver are process-wide (spec §11.6).
 
 `execute` is a generator: Ray streams each yielded item back to the agent as it is produced,
 so LOG lines arrive while the block runs and a large result arrives in chunks.
-Items: ("running",) · ("log", text) · ("chunk", bytes) · ("done", meta) · ("error", kind, text).
+Items: ("running",) · ("log", text) · ("chunk", bytes) · ("done", meta) ·
+("error", kind, text) · ("error", kind, text, True): the job changed shared state and the
+agent must replace this worker before its next job.
+
+Sandbox (layers 2 to 4; layer 1 is the source check in `run_request`): after the model has
+loaded, the job thread contains itself with a seccomp filter (`containment.py`; refused
+start-up where seccomp is missing unless the site config opts out), and the worker takes
+the isolation baseline (`isolation.py`). Blocks run with restricted builtins
+(`runtime_guard.py`, applied in `execution.deserialize`). After each job the shared state is
+fingerprinted again; a job that changed it ends in an error and asks for a new worker.
 """
 
 from __future__ import annotations
@@ -23,6 +32,15 @@ from typing import Any
 from site_agent.config import ModelConfig
 
 _END = object()
+_REPLACING = "this model worker is being replaced after an earlier job; retry"
+
+
+def _contaminated(changed: list[str]) -> str:
+    shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return (
+        f"the job changed state shared with other users' jobs ({shown}); its result is "
+        "withheld and the model worker is being replaced"
+    )
 
 
 class ModelWorker:
@@ -38,11 +56,41 @@ class ModelWorker:
         # Load on the job thread too: some backends bind per-thread state at load time.
         self.model = self._thread.submit(load_model, self.cfg).result()
         self.param_bytes = parameter_bytes(self.model)
+        self.contained = self._thread.submit(self._contain).result()
+        self._baseline = self._thread.submit(self._fingerprint).result()
+        self._tainted = False
+
+    def _contain(self) -> bool:
+        """Contain the job thread for the rest of its life (after loading: that writes)."""
+        from site_agent.containment import ContainmentUnavailable, contain_thread
+
+        try:
+            contain_thread()
+        except ContainmentUnavailable:
+            if self.cfg.sandbox.require_seccomp:
+                raise  # the slot turns UNHEALTHY with this message
+            return False
+        return True
+
+    def _fingerprint(self):  # noqa: ANN202 - isolation.Fingerprint, imported late
+        if not self.cfg.sandbox.check_isolation:
+            return None
+        from site_agent.isolation import fingerprint
+
+        return fingerprint(self.model)
+
+    def _contamination(self) -> list[str]:
+        """What the last job changed in shared state (isolation.py); empty if nothing."""
+        if self._baseline is None:
+            return []
+        from site_agent.isolation import differences
+
+        return differences(self._baseline, self._fingerprint())
 
     def info(self) -> dict[str, Any]:
         import os
 
-        return {"pid": os.getpid(), "param_bytes": self.param_bytes}
+        return {"pid": os.getpid(), "param_bytes": self.param_bytes, "contained": self.contained}
 
     def execute(self, payload: bytes, compress: bool, env_json: str) -> Iterator[tuple]:
         updates: queue.Queue = queue.Queue()
@@ -51,19 +99,35 @@ class ModelWorker:
             yield item
 
     def _run(self, payload: bytes, compress: bool, env: dict, updates: queue.Queue) -> None:
-        from edif.errors import PayloadRefused, UserCodeError
+        from edif.errors import PayloadRefused, UserCodeError, WorkerContaminated
         from site_agent.execution import run_request
 
         updates.put(("running",))
+        if self._tainted:  # a job already contaminated this worker; it is being replaced
+            updates.put(("error", "INTERNAL", _REPLACING, True))
+            updates.put(_END)
+            return
+        error: tuple | None = None
         try:
             out = run_request(self.model, payload, compress, env, lambda s: updates.put(("log", s)))
         except PayloadRefused as exc:
-            updates.put(("error", "REFUSED", exc.message))
+            error = ("error", "REFUSED", exc.message)
         except UserCodeError as exc:
-            updates.put(("error", "USER", exc.message))
+            error = ("error", "USER", exc.message)
         except BaseException as exc:  # noqa: BLE001 - any failure must end the job, not the worker
-            updates.put(("error", "INTERNAL", f"{type(exc).__name__}: {exc}"))
-        else:
+            error = ("error", "INTERNAL", f"{type(exc).__name__}: {exc}")
+        try:
+            changed = self._contamination()
+        except BaseException as exc:  # noqa: BLE001 - a check that fails counts as a change
+            changed = [f"the isolation check failed: {type(exc).__name__}: {exc}"]
+        if changed:
+            self._tainted = True
+            error = ("error", "USER", WorkerContaminated(_contaminated(changed)).message, True)
+        if error is not None:
+            updates.put(error)
+            updates.put(_END)
+            return
+        try:
             data = memoryview(out.result_bytes)
             for start in range(0, len(data), self.chunk_bytes):
                 updates.put(("chunk", bytes(data[start : start + self.chunk_bytes])))
