@@ -13,6 +13,7 @@ on shutdown ends every unfinished job with ERROR. `run(settings)` serves it with
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -25,7 +26,7 @@ from auth.pseudonym import Pseudonymizer
 from auth.roles import Role
 from auth.tokens import TokenIssuer, TokenVerifier
 from broker.admin_api import add_admin_api_routes
-from broker.app import create_app
+from broker.app import Lifespan, create_app
 from broker.audit import JobAuditor, open_audit_log
 from broker.audit.housekeeping import with_retention
 from broker.catalog import SiteCatalog
@@ -93,10 +94,11 @@ def build_app(
         if settings.audit_enabled
         else None
     )
+    auditor = JobAuditor(audit, background=True)
     service = BrokerService(
-        settings, catalog, client, results, pseudonymize, clock, quotas, JobAuditor(audit)
+        settings, catalog, client, results, pseudonymize, clock, quotas, auditor
     )
-    lifespan = lifespan_for(service, registry)
+    lifespan = _flushing(lifespan_for(service, registry), auditor)
     if audit is not None:
         lifespan = with_retention(lifespan, audit, settings.audit_detailed_retention_days * 86400)
     app = create_app(service, verifier, settings, keystore.jwks, lifespan)
@@ -158,3 +160,17 @@ def run(settings: BrokerSettings | None = None) -> None:
     settings = settings or BrokerSettings()
     app = build_app(settings)
     server_for(app, app.state.service, host=settings.host, port=settings.port).run()
+
+
+def _flushing(lifespan: Lifespan, auditor: JobAuditor) -> Lifespan:
+    """Write the audit entries still queued (the service's shutdown adds some) before exiting."""
+
+    @asynccontextmanager
+    async def wrapped(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with lifespan(app):
+                yield
+        finally:
+            await asyncio.to_thread(auditor.close)
+
+    return wrapped

@@ -22,6 +22,8 @@ log = logging.getLogger("edif.agent.ray")
 _WORKER_ENV_ALLOW = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS")
 
 
+LOOPBACK_NODE_IP = "127.0.0.2"
+
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|PRIVATE|CREDENTIAL", re.I)
 
 
@@ -51,10 +53,21 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    # A local cluster, or one on this host's loopback, stays on loopback: Ray would otherwise
+    # bind and advertise the machine's interface address. Ray rewrites exactly "127.0.0.1" to
+    # that interface address, so the node uses another loopback address.
+    local = not address or address.startswith(("127.", "localhost"))
+    node_ip = {"_node_ip_address": LOOPBACK_NODE_IP} if local else {}
     if address:
-        ray.init(address=address, namespace="edif", log_to_driver=False)
+        ray.init(address=address, namespace="edif", log_to_driver=False, **node_ip)
     else:
-        ray.init(num_cpus=num_cpus, namespace="edif", include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=num_cpus,
+            namespace="edif",
+            include_dashboard=False,
+            log_to_driver=False,
+            **node_ip,
+        )
 
 
 def _worker_env() -> dict[str, str]:

@@ -10,11 +10,16 @@ payload, the token, an error description (it may quote the user's code) or the r
 
 A failing audit write is logged as an error and does not fail the job: the chain stays whole
 (seqs are assigned at write), and losing the job over its paperwork would help nobody.
+
+With `background=True` (the broker's wiring) appends run on one writer thread in call order:
+an append fsyncs and re-signs the chain head (~5 ms), which must not stall the event loop that
+serves every client's websocket and POST. `close()` drains the queue at shutdown.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from broker.audit.model import AuditAction, AuditEvent
@@ -33,9 +38,16 @@ class _Live:
 
 
 class JobAuditor:
-    def __init__(self, audit: AuditLog | None = None) -> None:
+    def __init__(self, audit: AuditLog | None = None, *, background: bool = False) -> None:
         self.log: AuditLog = audit or NullAuditLog()
         self._live: dict[str, _Live] = {}
+        # One writer thread keeps entries in call order (the chain is sequential anyway).
+        self._writer = ThreadPoolExecutor(1, "edif-audit") if background else None
+
+    def close(self) -> None:
+        """Write every queued entry, then stop the writer thread."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
 
     def submitted(self, job: Job, role: str) -> None:
         self._live[job.id] = _Live(role=str(role), bytes_in=len(job.payload))
@@ -84,6 +96,12 @@ class JobAuditor:
         )
 
     def _append(self, event: AuditEvent, job_id: str | None) -> None:
+        if self._writer is not None:
+            self._writer.submit(self._write, event, job_id)
+        else:
+            self._write(event, job_id)
+
+    def _write(self, event: AuditEvent, job_id: str | None) -> None:
         try:
             self.log.append(event)
         except Exception:  # the job goes on; the operator must see this
