@@ -189,9 +189,11 @@ class PoolExecutor:
                 update = _translate(item)
                 if update.HasField("done"):
                     slot.record_execution(time.monotonic() - started)
-                yield update
                 if update.HasField("error") and len(item) > 3 and item[3]:
-                    slot.replace()  # the job changed state shared with later jobs (worker.py)
+                    # The job changed state shared with later jobs (worker.py). Replace before
+                    # yielding: the caller may close this stream as soon as it sees the error.
+                    slot.replace()
+                yield update
                 if update.HasField("done") or update.HasField("error"):
                     return
         except TimeoutError:

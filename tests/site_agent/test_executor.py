@@ -152,3 +152,28 @@ def test_requested_time_limit_is_capped_by_the_site_and_junk_ignored() -> None:
     assert _effective_limit(float("nan"), 300.0) == 300.0
     assert _effective_limit(float("inf"), 300.0) == 300.0
     assert _effective_limit(-1.0, 300.0) == 300.0
+
+
+async def test_contaminated_worker_is_replaced_even_if_the_caller_stops_reading() -> None:
+    class Tainting(FakeWorker):
+        async def execute(self, payload, compress, env_json):
+            yield ("running",)
+            yield ("error", "USER", "the job changed torch.save", True)
+
+    class TaintFactory(FakeFactory):
+        async def start(self, cfg):
+            worker = (Tainting if not self.started else FakeWorker)(len(self.started))
+            self.started.append(worker)
+            return worker
+
+    factory = TaintFactory()
+    executor = make_executor(factory)
+    await executor.start()
+    stream = executor.execute(job(b"ok", "tainting"))
+    async for update in stream:
+        if update.HasField("error"):
+            break  # like the broker: stop at the terminal update
+    await stream.aclose()
+    assert factory.started[0].killed
+    updates = await collect(executor, job(b"ok", "next-user"))
+    assert updates[-1].HasField("done") and "worker 1" in updates[2].log.text
