@@ -535,6 +535,9 @@ def _site_error(site: str, error: pb.JobError) -> EdifError:
         return SiteUnavailable(
             error.description or f"Site {site} lost the worker running your job."
         )
+    if error.kind == pb.REFUSED and error.description:
+        # Sites differ in their code policies: say whose policy refused the code.
+        return SiteJobError(f"Site {site} refused your job before running it: {error.description}")
     return SiteJobError(error.description or f"Your job failed at site {site} ({kind}).")
 
 

@@ -70,7 +70,7 @@ class Hardware(_message.Message):
     def __init__(self, vendor: _Optional[str] = ..., device_type: _Optional[str] = ..., count: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class SiteDescription(_message.Message):
-    __slots__ = ("site", "institution", "models", "versions", "hardware", "capacity", "allowed_groups", "max_concurrent_jobs")
+    __slots__ = ("site", "institution", "models", "versions", "hardware", "capacity", "allowed_groups", "max_concurrent_jobs", "policy")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class SiteDescription(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_GROUPS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     site: str
     institution: str
     models: _containers.RepeatedCompositeFieldContainer[ModelDeployment]
@@ -94,7 +95,18 @@ class SiteDescription(_message.Message):
     capacity: int
     allowed_groups: _containers.RepeatedScalarFieldContainer[str]
     max_concurrent_jobs: int
-    def __init__(self, site: _Optional[str] = ..., institution: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelDeployment, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., capacity: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., max_concurrent_jobs: _Optional[int] = ...) -> None: ...
+    policy: SandboxPolicy
+    def __init__(self, site: _Optional[str] = ..., institution: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelDeployment, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., capacity: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., max_concurrent_jobs: _Optional[int] = ..., policy: _Optional[_Union[SandboxPolicy, _Mapping]] = ...) -> None: ...
+
+class SandboxPolicy(_message.Message):
+    __slots__ = ("name", "version", "describe_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIBE_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    describe_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., describe_json: _Optional[str] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("job_id", "model_key", "payload", "compress", "env_json", "time_limit_s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import platform
 import time
@@ -102,6 +103,7 @@ class PoolExecutor:
             capacity=len(self.slots),
             allowed_groups=self.config.access.allowed_groups,
             max_concurrent_jobs=self.config.access.max_concurrent_jobs or len(self.slots),
+            policy=_policy(),
         )
 
     @staticmethod
@@ -217,6 +219,17 @@ class PoolExecutor:
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()
+
+
+def _policy() -> pb.SandboxPolicy:
+    from site_agent.source_policy import SourcePolicy
+
+    policy = SourcePolicy()
+    return pb.SandboxPolicy(
+        name=policy.name,
+        version=policy.version,
+        describe_json=json.dumps(policy.describe(), sort_keys=True),
+    )
 
 
 def _effective_limit(requested: float, site_limit: float) -> float:

@@ -133,6 +133,11 @@ FAILURES = {
         "Traceback ...\nAttributeError: '7'",
     ),
     "refused without text": ([error(pb.REFUSED, "")], "failed at site site-a (REFUSED)"),
+    "refused by the site's code policy": (
+        [error(pb.REFUSED, "line 3: import of 'os' is not allowed by site policy edif-default v1")],
+        "Site site-a refused your job before running it: line 3: import of 'os' is not allowed "
+        "by site policy edif-default v1",
+    ),
     "stream breaks mid-result": (
         [status(pb.RUNNING), *result()[:2], SiteUnavailable("Site site-a is unavailable (X).")],
         "Site site-a is unavailable (X).",

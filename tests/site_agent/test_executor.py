@@ -177,3 +177,13 @@ async def test_contaminated_worker_is_replaced_even_if_the_caller_stops_reading(
     assert factory.started[0].killed
     updates = await collect(executor, job(b"ok", "next-user"))
     assert updates[-1].HasField("done") and "worker 1" in updates[2].log.text
+
+
+async def test_describe_shows_the_versioned_code_policy() -> None:
+    import json
+
+    executor = make_executor(FakeFactory())
+    policy = executor.describe().policy
+    assert (policy.name, policy.version) == ("edif-default", 1)
+    described = json.loads(policy.describe_json)
+    assert "torch" in described["import_roots"] and "os" not in described["import_roots"]
