@@ -133,12 +133,14 @@ class TokenVerifier:
         audience: str = BROKER_AUDIENCE,
         clock: Clock | None = None,
         leeway_s: float = 30,
+        revoked: Callable[[str], bool] | None = None,
     ) -> None:
         self._keys = _key_lookup(keys)
         self._issuer = issuer
         self._audience = audience
         self._clock = clock or SystemClock()
         self._leeway = leeway_s
+        self._revoked = revoked
 
     def verify(self, token: str | None) -> Claims:
         """The token's claims, or AuthenticationError saying what is wrong and what to do."""
@@ -150,6 +152,11 @@ class TokenVerifier:
         self._check_issuer_and_audience(payload)
         claims = _parse_claims(payload)
         self._check_times(claims)
+        if self._revoked is not None and self._revoked(claims.jti):
+            raise AuthenticationError(
+                "this token has been revoked by the eDIF operators; ask them for a new one "
+                "(`edif token issue`)"
+            )
         return claims
 
     def _checked_kid(self, token: str) -> str:

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from auth.keys import KeyStore
 from auth.pseudonym import Pseudonymizer
+from auth.revocation import RevocationList
 from auth.roles import Role
 from auth.tokens import TokenIssuer, TokenVerifier
 from broker.admin_api import add_admin_api_routes
@@ -57,8 +58,13 @@ def build_app(
     clock = clock or SystemClock()
     keystore = KeyStore(settings.keys_dir) if settings.keys_dir else KeyStore.default()
     keystore.signing_key()
+    revocations = RevocationList(keystore.directory, clock)
     verifier = TokenVerifier(
-        keystore, issuer=settings.issuer, audience=settings.audience, clock=clock
+        keystore,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        clock=clock,
+        revoked=revocations.is_revoked,
     )
     credentials = CachedSiteCredentials(
         TokenIssuer(keystore, settings.issuer, clock), Role.BROKER, clock, settings.site_token_ttl_s

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
+import jwt as pyjwt
 
+from auth import ledger
 from auth.keys import KeyStore
+from auth.pseudonym import Pseudonymizer
+from auth.revocation import RevocationList
 from auth.roles import Role
 from auth.tokens import BROKER_AUDIENCE, TokenIssuer
 from edif.errors import EdifError
@@ -104,10 +109,54 @@ def issue(
     if role == Role.SITE and not site:
         raise click.UsageError("--role site needs --site NAME: a site token names its site")
     with edif_errors():
-        signed = TokenIssuer(KeyStore.default()).issue(
+        store = KeyStore.default()
+        signed = TokenIssuer(store).issue(
             sub, Role(role), ttl, audience=audience, groups=groups, site=site
         )
+        ledger.record(store.directory, signed, Pseudonymizer.from_home(store.directory)(sub))
     click.echo(signed)
+
+
+@token.command("revoke")
+@click.option("--jti", help="The token's id (from `edif token list`).")
+@click.option("--token", "token_text", help="The token itself (its id and expiry are read).")
+def revoke(jti: str | None, token_text: str | None) -> None:
+    """Refuse a token from now on (the broker notices on its next request)."""
+    if bool(jti) == bool(token_text):
+        raise click.UsageError("give exactly one of --jti or --token")
+    store = KeyStore.default()
+    if token_text:
+        try:
+            claims = pyjwt.decode(token_text.strip(), options={"verify_signature": False})
+            jti, expires = str(claims["jti"]), float(claims["exp"])
+        except (pyjwt.PyJWTError, KeyError, TypeError, ValueError) as exc:
+            raise click.BadParameter("not a token with jti and exp", param_hint="--token") from exc
+    else:
+        known = {e["jti"]: e for e in ledger.entries(store.directory)}
+        # Unknown ids are kept for a year: longer than any token eDIF issues by default.
+        expires = float(known[jti]["exp"]) if jti in known else time.time() + 365 * 86400
+    RevocationList(store.directory).revoke(str(jti), expires)
+    click.echo(f"revoked {jti}", err=True)
+
+
+@token.command("list")
+def list_tokens() -> None:
+    """Issued tokens (holder pseudonym, role, expiry) and whether each is revoked."""
+    store = KeyStore.default()
+    revoked = RevocationList(store.directory)
+    now = time.time()
+    click.echo(f"{'jti':<24} {'holder':<20} {'role':<11} {'expires (UTC)':<17} state")
+    for entry in ledger.entries(store.directory):
+        exp = float(entry.get("exp") or 0)
+        state = (
+            "revoked"
+            if revoked.is_revoked(entry["jti"])
+            else ("expired" if exp <= now else "valid")
+        )
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(exp))
+        click.echo(
+            f"{entry['jti']:<24} {entry['holder']:<20} {entry['role']:<11} {when:<17} {state}"
+        )
 
 
 @token.command("jwks")

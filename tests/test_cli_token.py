@@ -109,3 +109,22 @@ def test_installed_entry_point_prints_one_jwt_line(tmp_path):
     lines = proc.stdout.split("\n")
     assert lines[1:] == [""] and JWT.fullmatch(lines[0])
     assert _verify(tmp_path, lines[0]).sub == "alice"
+
+
+def test_list_shows_pseudonyms_and_revoke_marks_the_token(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from edif.cli import main as cli
+
+    monkeypatch.setenv("EDIF_HOME", str(tmp_path))
+    runner = CliRunner()
+    token = runner.invoke(
+        cli, ["token", "issue", "--sub", "carol@example.org", "--role", "researcher"]
+    ).output.strip()
+    listing = runner.invoke(cli, ["token", "list"]).output
+    assert "carol@example.org" not in listing and "valid" in listing
+    assert token not in listing
+    result = runner.invoke(cli, ["token", "revoke", "--token", token])
+    assert result.exit_code == 0, result.output
+    assert "revoked" in runner.invoke(cli, ["token", "list"]).output
+    assert runner.invoke(cli, ["token", "revoke"]).exit_code == 2

@@ -295,3 +295,22 @@ def test_result_url_is_absolute_and_self_authorizing(mesh, gpt2) -> None:
     assert url.startswith("http://127.0.0.1:")
     assert httpx.get(url, timeout=10).status_code == 200
     assert httpx.get(url[:-4] + "AAAA", timeout=10).status_code == 404
+
+
+def test_a_revoked_token_is_refused_on_the_next_request(mesh, gpt2) -> None:
+    import subprocess
+    import sys
+
+    token = mesh.token("erin@uni-example.eu")
+    CONFIG.API.APIKEY = token
+    still_serving(gpt2)  # the token works ...
+    env = {**os.environ, "EDIF_HOME": str(mesh.home)}
+    revoke = subprocess.run(
+        [sys.executable, "-m", "edif", "token", "revoke", "--token", token],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoke.returncode == 0, revoke.stderr
+    submit_expecting(gpt2, "revoked")  # ... and is refused from the next request on
