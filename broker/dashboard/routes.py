@@ -125,6 +125,19 @@ class Dashboard:
     def session_of(self, request: Request) -> Session | None:
         return self.sessions.get(request.cookies.get(SESSION_COOKIE))
 
+    async def checked_post(self, request: Request) -> tuple[Session, dict[str, str]] | Response:
+        """The session and form of a state-changing POST, or the response refusing it.
+
+        Every form that changes something goes through here: a live session and its CSRF token.
+        """
+        session = self.session_of(request)
+        if session is None:
+            return self.to_login()
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        if not session.csrf_ok(form.get("csrf")):
+            return self.forbidden(request, session, "The form's security token did not match.")
+        return session, form
+
     def to_login(self) -> RedirectResponse:
         return RedirectResponse("/admin/login", status_code=303, headers=SECURITY_HEADERS)
 
@@ -220,12 +233,9 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
-        session = self.session_of(request)
-        if session is None:
-            return self.to_login()
-        form = await request.form()
-        if not session.csrf_ok(str(form.get("csrf", ""))):
-            return self.forbidden(request, session, "The form's security token did not match.")
+        checked = await self.checked_post(request)
+        if isinstance(checked, Response):
+            return checked
         self.sessions.end(request.cookies.get(SESSION_COOKIE))
         response = self.to_login()
         response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
@@ -329,12 +339,10 @@ class Dashboard:
         )
 
     async def save_quota(self, request: Request) -> Response:
-        session = self.session_of(request)
-        if session is None:
-            return self.to_login()
-        form = {k: str(v) for k, v in (await request.form()).items()}
-        if not session.csrf_ok(form.get("csrf")):
-            return self.forbidden(request, session, "The form's security token did not match.")
+        checked = await self.checked_post(request)
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
         scope, name = form.get("scope", ""), form.get("name", "").strip()
         try:
             chosen = Scope(scope)
@@ -353,12 +361,10 @@ class Dashboard:
         return RedirectResponse(f"/admin/quotas?{query}", status_code=303, headers=SECURITY_HEADERS)
 
     async def delete_quota(self, request: Request) -> Response:
-        session = self.session_of(request)
-        if session is None:
-            return self.to_login()
-        form = {k: str(v) for k, v in (await request.form()).items()}
-        if not session.csrf_ok(form.get("csrf")):
-            return self.forbidden(request, session, "The form's security token did not match.")
+        checked = await self.checked_post(request)
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
         try:
             chosen = Scope(form.get("scope", ""))
             self.quotas.delete_policy(chosen, form.get("name", ""))
