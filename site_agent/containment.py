@@ -17,12 +17,16 @@ accelerator):
   `clone`, which is filtered by its flags: clone3's flags sit behind a pointer);
 - other processes: `ptrace`, `process_vm_*`, `pidfd_*`, `kcmp`, and `kill`/`tgkill`/
   `rt_*sigqueueinfo` aimed at any process but this one;
-- the filesystem for writing: `open`/`openat` with `O_WRONLY`, `O_RDWR`, `O_CREAT` or
-  `O_TRUNC` (seccomp cannot read paths, so the job thread's filesystem is read-only; jobs get
-  no scratch directory), `openat2` (flags behind a pointer: ENOSYS), `creat`, and every call
-  that creates, removes, renames, links, truncates or re-permissions a file;
+- the filesystem for writing: seccomp cannot read paths, so where Landlock confines the
+  thread's writes to the job's scratch directory (`scratch.py`, applied first) this filter
+  leaves opening for writing and creating, removing, renaming, linking and truncating by path
+  to it; without Landlock it denies them all (`open`/`openat` with `O_WRONLY`, `O_RDWR`,
+  `O_CREAT` or `O_TRUNC`, `creat`, `unlink`, `rename`, `mkdir`, ...; the job thread's
+  filesystem is read-only and jobs get no scratch). Either way: `openat2` (flags behind a
+  pointer: ENOSYS), and changing permissions, owners, times or extended attributes;
 - kernel surfaces a job never needs: namespaces, mounts, BPF, perf events, io_uring (whose
-  operations seccomp would not see), userfaultfd, keyrings, module loading, memfd.
+  operations seccomp would not see), userfaultfd, keyrings, module loading, memfd, and
+  Landlock (a job must not restrict the thread later jobs run on).
 
 Denied calls fail with EPERM (ENOSYS where a fallback exists), so Python raises
 `PermissionError`/`OSError` inside the user's code instead of the worker being killed.
@@ -64,7 +68,9 @@ _OTHER_PROCESSES = (
     "kcmp",
     "tkill",  # takes a bare thread id, which may be another process's
 )
-_FILE_WRITES = (
+# Calls that change files by path, which Landlock confines to the job's scratch directory
+# where it is on (`scratch.py`); without it they are denied outright.
+_PATH_WRITES = (
     "creat",
     "unlink",
     "unlinkat",
@@ -78,6 +84,11 @@ _FILE_WRITES = (
     "symlinkat",
     "link",
     "linkat",
+    "truncate",
+    "ftruncate",
+)
+# Calls Landlock does not check: denied either way.
+_FILE_WRITES = (
     "chmod",
     "fchmod",
     "fchmodat",
@@ -85,8 +96,6 @@ _FILE_WRITES = (
     "fchown",
     "lchown",
     "fchownat",
-    "truncate",
-    "ftruncate",
     "mknod",
     "mknodat",
     "utime",
@@ -126,6 +135,10 @@ _KERNEL = (
     "swapon",
     "swapoff",
     "reboot",
+    # A job must not add Landlock rules of its own to the thread later jobs run on.
+    "landlock_create_ruleset",
+    "landlock_add_rule",
+    "landlock_restrict_self",
 )
 # Signals: only to this process (the first argument is its pid).
 _SIGNALS = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
@@ -149,19 +162,24 @@ def _pyseccomp():  # noqa: ANN202 - the module, imported late: it loads libsecco
     return pyseccomp
 
 
-def build_filter(pid: int | None = None):  # noqa: ANN201 - a pyseccomp.SyscallFilter
-    """The job-thread filter for process `pid` (default: this one); see module doc."""
+def build_filter(pid: int | None = None, landlock: bool = False):  # noqa: ANN201 - a SyscallFilter
+    """The job-thread filter for process `pid` (default: this one); see module doc.
+
+    `landlock`: the thread's writes are already confined by path (`scratch.restrict_writes`),
+    so opening for writing and the path calls in `_PATH_WRITES` are left to Landlock.
+    """
     sc = _pyseccomp()
     pid = os.getpid() if pid is None else pid
     eperm, enosys = sc.ERRNO(errno.EPERM), sc.ERRNO(errno.ENOSYS)
     flt = sc.SyscallFilter(defaction=sc.ALLOW)
     # Only this thread: without TSYNC libseccomp applies the filter to the calling thread.
-    for name in (*_NETWORK, *_PROCESSES, *_OTHER_PROCESSES, *_FILE_WRITES, *_KERNEL):
+    denied = (*_NETWORK, *_PROCESSES, *_OTHER_PROCESSES, *_FILE_WRITES, *_KERNEL)
+    for name in denied if landlock else (*denied, *_PATH_WRITES):
         _deny(sc, flt, eperm, name)
     for name in ("clone3", "openat2"):
         _deny(sc, flt, enosys, name)
     flt.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
-    for flag in _WRITE_FLAGS:  # one rule per flag: rules on one call are OR-ed
+    for flag in () if landlock else _WRITE_FLAGS:  # one rule per flag: rules are OR-ed
         flt.add_rule(eperm, "open", sc.Arg(1, sc.MASKED_EQ, flag, flag))
         flt.add_rule(eperm, "openat", sc.Arg(2, sc.MASKED_EQ, flag, flag))
     for name in _SIGNALS:
@@ -177,10 +195,13 @@ def _deny(sc, flt, action: int, name: str) -> None:  # noqa: ANN001
             raise
 
 
-def contain_thread() -> None:
-    """Load the filter on the calling thread, for the rest of its life; see module doc."""
+def contain_thread(landlock: bool = False) -> None:
+    """Load the filter on the calling thread, for the rest of its life; see module doc.
+
+    `landlock`: the caller already confined this thread's writes with Landlock.
+    """
     try:
-        build_filter().load()
+        build_filter(landlock=landlock).load()
     except ContainmentUnavailable:
         raise
     except OSError as exc:  # the kernel refused it (no CONFIG_SECCOMP_FILTER)

@@ -5,28 +5,37 @@ shared module (`torch.save = None`), on the model (a zeroed weight, a hook, a sw
 submodule) or in torch's global settings would reach the next user's job. Layers 1 and 2
 refuse the ways to do that which they can see; this layer checks the outcome.
 
-Flow: the worker takes a `Fingerprint` of the shared state once, after the model loaded (the
-baseline), and another after every job; `differences(baseline, after)` names what changed.
-Any difference ends the job with `WorkerContaminated` (its result withheld) and the agent
+Flow: the worker takes a baseline `Fingerprint` of the shared state once, after the model
+loaded (`fingerprint(model, baseline=True)`, which also notes which attributes are compared),
+and another after every job; `differences(baseline, after)` names what changed. Any
+difference ends the job with `WorkerContaminated` (its result withheld) and the agent
 replaces the worker before the next job runs (`executor.py`), so no restore has to be right.
-One fingerprint per job: nothing else runs on the worker between jobs, so the baseline of
-job N+1 is the state after job N when that state equals the baseline.
+After a clean job its fingerprint (with the baseline's compared attributes) is the next
+job's baseline.
 
-What a fingerprint holds (cheap: about 0.3 ms on the demo models, see bench/sandbox.py):
+What a fingerprint holds (cheap: about 0.3 ms per job on the demo models, see
+bench/sandbox.py):
 - for watched modules and classes (`builtins`, `torch`, `torch.nn`, `torch.nn.functional`,
-  `torch.Tensor`, `torch.nn.Module`, `nnsight`, ...): the `id()` of every callable, class or
-  module attribute. Data attributes (caches, counters) are not compared, and attributes a
-  library adds lazily (a submodule imported on first use) are not either;
-- `sys.modules`: the `id()` of every module, so none can be replaced or removed;
+  `torch.Tensor`, `torch.nn.Module`, `nnsight`, ...): their attributes, keys and values in
+  order. The callable, class or module attributes the baseline had are compared by identity;
+  data attributes (caches, counters) are not, and attributes a library adds lazily (a
+  submodule imported on first use) are not either. Where every entry is still the same
+  object the comparison is two loops in C; only a namespace where something differs is
+  walked name by name;
+- `sys.modules`, the same way: no module may be replaced or removed;
 - the model: its module tree (names and object ids), each module's hook counts, torch's
   global module hooks, and every parameter and buffer's identity, storage pointer, shape,
-  dtype, device, `requires_grad`, version counter and a CRC-32 of its bytes (CPU: whole for
-  tensors up to 4096 elements, a fixed-stride sample plus the last element for larger ones,
-  so an edit of a single element of a large CPU weight that misses the sample and bypasses
-  the version counter through `.data` can go unseen) or an integer sum of its bits
-  (accelerators: one reduction per tensor, one sync);
+  dtype, device, `requires_grad`, version counter and a CRC-32 of its bytes, read straight
+  from its memory (CPU: whole for tensors up to 4096 elements, a fixed-stride sample plus
+  the last element for larger ones, so an edit of a single element of a large CPU weight
+  that misses the sample and bypasses the version counter through `.data` can go unseen)
+  or an integer sum of its bits (accelerators: one reduction per tensor, one sync);
 - torch's process-wide settings: default dtype and device, grad and inference mode, thread
   count, deterministic algorithms, anomaly detection.
+
+Snapshots hold the values themselves, not their `id()`s, so a replaced object cannot be
+freed and its address reused by the replacement; comparisons use identity, never `==`,
+which a replacement could answer for itself.
 
 Not covered: state inside C extensions that Python cannot see, attributes of modules not
 watched (layer 1 refuses assignment into any module), and RNG state (`torch.manual_seed` in
@@ -35,13 +44,16 @@ one job sets the seed the next job's sampling starts from; not a leak of data).
 
 from __future__ import annotations
 
+import ctypes
+import operator
 import sys
 import zlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 
 WATCHED_MODULES = (
@@ -77,48 +89,114 @@ _GLOBAL_HOOKS = (
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A namespace's keys and values, in its order (two C-level tuple copies).
+
+    It holds the values themselves, not their `id()`s: an object the snapshot holds cannot be
+    freed, so no replacement can ever reuse its address and look unchanged.
+    """
+
+    keys: tuple
+    values: tuple
+
+    @classmethod
+    def of(cls, namespace: Any) -> Snapshot:
+        # One C-level copy (a dict's or a class's mappingproxy's `.copy()`; `dict(x)` is five
+        # times slower): a concurrent import cannot change it midway.
+        copied = namespace.copy()
+        return cls(tuple(copied), tuple(copied.values()))
+
+    def unchanged_in(self, later: Snapshot) -> bool:
+        """Whether `later` starts with exactly these keys and values (same objects).
+
+        Entries added after them (a module imported lazily, an attribute set on first use)
+        do not count; anything removed, replaced or reordered does. Identity, never `==`: a
+        replacement cannot answer for itself.
+        """
+        return (
+            len(later.keys) >= len(self.keys)
+            and all(map(operator.is_, self.keys, later.keys))
+            and all(map(operator.is_, self.values, later.values))
+        )
+
+    def replaced(self, later: Snapshot, names: Collection[str] | None = None) -> list[str]:
+        """The keys (among `names`, default all) whose value `later` lacks or replaced."""
+        now = dict(zip(later.keys, later.values, strict=True))
+        return [
+            key
+            for key, value in zip(self.keys, self.values, strict=True)
+            if (names is None or key in names) and now.get(key, _MISSING) is not value
+        ]
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
 class Fingerprint:
-    namespaces: dict[str, dict[str, int]]  # watched module/class -> attribute -> id(value)
-    sys_modules: dict[str, int]
+    namespaces: dict[str, Snapshot]  # watched module/class -> its attributes
+    sys_modules: Snapshot
     tree: tuple  # (name, id(module), hook counts) per module, and the global hook counts
     tensors: dict[str, tuple]  # parameter/buffer name -> identity and content digest
     torch_settings: tuple
+    # Per watched namespace, the attributes compared: those holding a callable, class or
+    # module. Only a baseline has them (`fingerprint(model, baseline=True)`).
+    compared: dict[str, frozenset[str]] | None = None
 
 
-def fingerprint(model: Any) -> Fingerprint:
-    """The shared state `model`'s worker must not see change between jobs (see module doc)."""
+def fingerprint(model: Any, baseline: bool = False) -> Fingerprint:
+    """The shared state `model`'s worker must not see change between jobs (see module doc).
+
+    `baseline`: also note which namespace attributes are compared (those whose value is
+    callable, a class or a module), once, for the fingerprint later ones are compared with.
+    """
     module = getattr(model, "_module", model)  # an nnsight model wraps the torch module
+    namespaces = {name: Snapshot.of(vars(obj)) for name, obj in _watched()}
+    tree, tensors = _model_state(module)
+    compared = None
+    if baseline:
+        compared = {name: _callables(snap.keys, snap.values) for name, snap in namespaces.items()}
     return Fingerprint(
-        namespaces={name: _callables(vars(obj)) for name, obj in _watched()},
-        sys_modules={k: id(v) for k, v in list(sys.modules.items())},
-        tree=_tree(module),
-        tensors=_tensors(module),
+        namespaces=namespaces,
+        sys_modules=Snapshot.of(sys.modules),
+        tree=tree,
+        tensors=tensors,
         torch_settings=_torch_settings(),
+        compared=compared,
     )
 
 
 def differences(before: Fingerprint, after: Fingerprint) -> list[str]:
-    """What changed from `before` to `after`, one line each (empty: nothing shared changed)."""
+    """What changed from `before` to `after`, one line each (empty: nothing shared changed).
+
+    `before` is a baseline. Where every entry `before` recorded still holds the same object
+    (`Snapshot.unchanged_in`, loops in C), nothing is looked at one by one; a namespace
+    where something differs is walked, and then only its compared attributes count (a data
+    attribute such as a cache or counter may change).
+    """
     found: list[str] = []
-    for name, attrs in before.namespaces.items():
-        now = after.namespaces.get(name, {})
+    compared = before.compared or {}
+    empty = Snapshot((), ())
+    for name, snap in before.namespaces.items():
+        now = after.namespaces.get(name, empty)
+        if not snap.unchanged_in(now):
+            found += [
+                f"{name}.{attr} was replaced or removed"
+                for attr in snap.replaced(now, compared.get(name))
+            ]
+    if not before.sys_modules.unchanged_in(after.sys_modules):
         found += [
-            f"{name}.{attr} was replaced or removed"
-            for attr in attrs
-            if now.get(attr) != attrs[attr]
+            f"sys.modules[{key!r}] was replaced or removed"
+            for key in before.sys_modules.replaced(after.sys_modules)
         ]
-    found += [
-        f"sys.modules[{name!r}] was replaced or removed"
-        for name, ident in before.sys_modules.items()
-        if after.sys_modules.get(name) != ident
-    ]
     if before.tree != after.tree:
         found.append("the model's module tree or hooks changed")
-    for name, state in before.tensors.items():
-        if after.tensors.get(name) != state:
-            found.append(f"the model's tensor {name} changed")
-    if set(after.tensors) - set(before.tensors):
-        found.append("the model gained parameters or buffers")
+    if before.tensors != after.tensors:
+        for name, state in before.tensors.items():
+            if after.tensors.get(name) != state:
+                found.append(f"the model's tensor {name} changed")
+        if set(after.tensors) - set(before.tensors):
+            found.append("the model gained parameters or buffers")
     if before.torch_settings != after.torch_settings:
         found.append("torch's global settings changed (default dtype/device, grad mode, ...)")
     return found
@@ -133,38 +211,46 @@ def _watched() -> Iterable[tuple[str, Any]]:
     yield "torch.nn.Module", torch.nn.Module
 
 
-def _callables(namespace: Any) -> dict[str, int]:
-    return {
-        k: id(v) for k, v in list(namespace.items()) if callable(v) or isinstance(v, ModuleType)
-    }
-
-
-def _tree(module: torch.nn.Module) -> tuple:
-    shape = tuple(
-        (name, id(sub), tuple(len(getattr(sub, h, ())) for h in _HOOK_DICTS))
-        for name, sub in module.named_modules(remove_duplicate=False)
+def _callables(keys: tuple, values: tuple) -> frozenset[str]:
+    return frozenset(
+        k for k, v in zip(keys, values, strict=True) if callable(v) or isinstance(v, ModuleType)
     )
+
+
+def _model_state(module: torch.nn.Module) -> tuple[tuple, dict[str, tuple]]:
+    """(module tree with hook counts, parameter/buffer states), in one walk of the tree.
+
+    The same names `named_parameters`/`named_buffers(remove_duplicate=False)` give, read
+    from each module's own dicts: one traversal instead of three.
+    """
+    shape = []
+    named: list[tuple[str, Any]] = []
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        own = sub.__dict__
+        shape.append((prefix, id(sub), tuple(len(own.get(h, ())) for h in _HOOK_DICTS)))
+        dot = f"{prefix}." if prefix else ""
+        named += [(dot + k, v) for k, v in own.get("_parameters", {}).items()]
+        named += [(dot + k, v) for k, v in own.get("_buffers", {}).items()]
     hooks = torch.nn.modules.module
-    return shape, tuple(len(getattr(hooks, h, ())) for h in _GLOBAL_HOOKS)
+    tree = tuple(shape), tuple(len(getattr(hooks, h, ())) for h in _GLOBAL_HOOKS)
+    return tree, _tensors(named)
 
 
-def _tensors(module: torch.nn.Module) -> dict[str, tuple]:
-    named = [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]
+def _tensors(named: list[tuple[str, Any]]) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
     device_sums: list[tuple[str, torch.Tensor]] = []
     for name, t in named:
         if t is None:
             continue
-        ident = (id(t), t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t.requires_grad)
-        out[name] = (*ident, t._version)
-        data = t.detach()
-        if data.device.type == "cpu" and data.is_contiguous():
-            out[name] += (_crc(data),)
-        elif data.device.type != "meta":
-            device_sums.append((name, _bit_sum(data)))
+        device, address = t.device, t.data_ptr()
+        state = (id(t), address, t.shape, t.dtype, device, t.requires_grad, t._version)
+        if device.type == "cpu" and t.is_contiguous():
+            out[name] = (*state, _crc(t, address))
+        elif device.type != "meta":
+            out[name] = state
+            device_sums.append((name, _bit_sum(t.detach())))
+        else:
+            out[name] = state
     if device_sums:  # one host sync for all accelerator tensors
         values = torch.stack([s.to("cpu") for _, s in device_sums]).tolist()
         for (name, _), value in zip(device_sums, values, strict=True):
@@ -179,12 +265,25 @@ def _tensors(module: torch.nn.Module) -> dict[str, tuple]:
 FULL_HASH_MAX_ELEMENTS = 1 << 12
 
 
-def _crc(data: torch.Tensor) -> int:
-    flat = data.reshape(-1)
-    if flat.numel() > FULL_HASH_MAX_ELEMENTS:
-        stride = -(-flat.numel() // FULL_HASH_MAX_ELEMENTS)
-        flat = torch.cat([flat[::stride], flat[-1:]]).contiguous()
-    return zlib.crc32(flat.view(torch.uint8).numpy())
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _crc(data: Any, address: int) -> int:
+    """CRC-32 of a contiguous CPU tensor's bytes at `address`, whole or sampled (see above).
+
+    The bytes are read through a buffer over the tensor's memory rather than through torch
+    ops (reshape, slice, cat, view: ~5 µs of dispatch per tensor, most of the cost).
+    """
+    count, size = data.numel(), data.element_size()
+    if count == 0:
+        return 0
+    raw = memoryview((ctypes.c_ubyte * (count * size)).from_address(address)).cast("B")
+    if count <= FULL_HASH_MAX_ELEMENTS:
+        return zlib.crc32(raw)
+    unit = next(u for u in (8, 4, 2, 1) if size % u == 0)  # complex128: 8 of its 16 bytes
+    step = -(-count // FULL_HASH_MAX_ELEMENTS) * (size // unit)
+    sample = np.ascontiguousarray(np.frombuffer(raw, dtype=_WORDS[unit])[::step])
+    return zlib.crc32(raw[-size:], zlib.crc32(sample))
 
 
 def _bit_sum(data: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,12 @@ against a builtins mapping made from the real one where:
 Flow: `restricted_builtins(policy)` builds the mapping once per policy (cached);
 `execution.deserialize` puts it under `__builtins__` in the block's globals and in the
 locals snapshot nnsight's `Scope` is made from (`exec` takes the builtins from the dict it
-runs against, and only inserts the real ones when that key is missing). Only code compiled
-from the request sees it: torch, nnsight and transformers keep their own module builtins.
-
-Not covered: functions the client shipped by source (`_load_function`) capture their builtins
-when the function object is created, inside the unpickler, so they keep the real ones; they
-pass the same source check and run on the same contained thread (layer 3).
+runs against, and only inserts the real ones when that key is missing). Functions the
+client shipped by source (`_load_function`) take their builtins from their globals when the
+function object is created, so the unpickler creates them on globals holding this mapping
+too (`unpickler.AllowlistUnpickler._load_function`); functions they or the block define at
+run time inherit it. Only code compiled from the request sees it: torch, nnsight and
+transformers keep their own module builtins.
 """
 
 from __future__ import annotations

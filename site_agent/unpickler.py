@@ -14,7 +14,9 @@ nnsight's `_fill` (updates the globals of *any* function, e.g. a site module's) 
 `_load_function` (compiles shipped source).
 
 Shipped functions (spec §12 route 3): `_load_function` checks the source with
-`check_source` before nnsight compiles it, and `_fill` checks the globals it installs (and
+`check_source` before nnsight compiles it and rebuilds the function on globals whose
+`__builtins__` are the policy's restricted builtins (`runtime_guard.py`, as for the block),
+and `_fill` checks the globals it installs (and
 the source again, now that its module names are known). Until `release()` the function's code
 is an inert stand-in, so a crafted pickle cannot call it while it is still being unpickled,
 before the rest of the payload was checked. `release()` then checks where the payload put
@@ -27,7 +29,6 @@ This is defence in depth only: payloads legitimately carry source that the site 
 
 from __future__ import annotations
 
-import builtins
 import gc
 import io
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from nnsight.intervention import serialization
 from nnsight.intervention.serialization import CustomCloudUnpickler
 
 from edif.errors import GlobalNotAllowed, PayloadRefused
+from site_agent.runtime_guard import builtins_dict
 from site_agent.source_policy import (
     SourcePolicy,
     check_namespace,
@@ -269,6 +271,8 @@ class AllowlistUnpickler(CustomCloudUnpickler):
         self._built_classes: dict[int, type] = {}
         # What find_class handed out: site objects, which the module scan does not enter.
         self._site_objects: dict[int, Any] = {}
+        # The builtins every shipped function runs with (runtime_guard.py, layer 2).
+        self._builtins = builtins_dict(self.policy.source)
         self._wrappers: dict[str, Callable[..., Any]] = {
             "cloudpickle.cloudpickle.subimport": self._subimport,
             "cloudpickle.cloudpickle._builtin_type": self._builtin_type,
@@ -321,9 +325,18 @@ class AllowlistUnpickler(CustomCloudUnpickler):
             raise PayloadRefused("a shipped function is not in the form nnsight ships functions")
         filename = f"[{name}:{origin_line}] {origin_filename}"  # as nnsight compiles it
         check_source(source, filename, self.policy.source, first_line=origin_line)
-        func = serialization._load_function(
+        built = serialization._load_function(
             source, name, defaults, kwdefaults, annotations, origin_filename, origin_line
         )
+        # nnsight creates the function against the site's real builtins, and a function
+        # takes its builtins from its globals once, when it is created: rebuild it on
+        # globals holding the restricted ones (layer 2), as the block gets. Functions it
+        # defines at run time inherit them from these globals.
+        func = FunctionType(
+            built.__code__, {"__builtins__": self._builtins}, name, built.__defaults__
+        )
+        func.__kwdefaults__ = built.__kwdefaults__
+        func.__annotations__ = built.__annotations__
         self._functions[id(func)] = _ShippedFunction(
             func, func.__code__, source, filename, origin_line
         )
@@ -392,13 +405,20 @@ class AllowlistUnpickler(CustomCloudUnpickler):
     def _misplaced_module(self, loaded: Any, namespaces: Sequence[dict]) -> str | None:
         namespace_ids = {id(ns) for ns in namespaces}
         namespace_ids.update(id(s.func.__globals__) for s in self._functions.values())
-        opaque = set(self._site_objects)
-        opaque.update(id(obj) for obj in (self.persistent_objects or {}).values())
+        # Never entered (counted as seen from the start): what find_class handed out and the
+        # model's persistent objects (site objects), and the restricted builtins every
+        # shipped function's globals hold (the site's, put there by `_load_function`).
+        seen = set(self._site_objects)
+        seen.update(id(obj) for obj in (self.persistent_objects or {}).values())
+        seen.add(id(self._builtins))
         policy = self.policy.source
-        seen: set[int] = set()
+        atomic = _ATOMIC
         pending: list[tuple[Any, bool]] = [(loaded, False)]  # (object, may it be a module)
+        pop, extend = pending.pop, pending.extend
         while pending:
-            obj, module_allowed = pending.pop()
+            obj, module_allowed = pop()
+            if type(obj) in atomic:
+                continue
             if isinstance(obj, ModuleType):
                 if not module_allowed:
                     return getattr(obj, "__name__", "?")
@@ -410,22 +430,18 @@ class AllowlistUnpickler(CustomCloudUnpickler):
                     pending.append((vars(obj), False))
                 continue
             key = id(obj)
-            if key in seen or key in opaque or type(obj) in _ATOMIC:
+            if key in seen:
                 continue
             seen.add(key)
-            pending.extend(self._contents(obj, key in namespace_ids))
+            extend(self._contents(obj, key in namespace_ids))
         return None
 
     def _contents(self, obj: Any, is_namespace: bool) -> list[tuple[Any, bool]]:
         """What `obj` refers to, for the module scan; site functions and classes are opaque."""
         if isinstance(obj, dict):
-            found = []
-            for k, v in obj.items():
-                if type(k) not in _ATOMIC:
-                    found.append((k, False))
-                # `__builtins__` is the site's, put there by nnsight's `_load_function`.
-                if type(v) not in _ATOMIC and v is not builtins.__dict__:
-                    found.append((v, is_namespace))
+            atomic = _ATOMIC
+            found = [(k, False) for k in obj if type(k) not in atomic]
+            found += [(v, is_namespace) for v in obj.values() if type(v) not in atomic]
             return found
         if isinstance(obj, FunctionType):
             if id(obj) not in self._functions:

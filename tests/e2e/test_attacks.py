@@ -4,8 +4,10 @@ Each attack is a trace block the unmodified client ships to the demo mesh. Every
 refused (source policy, layer 1; runtime guard, layer 2) or contained (the job thread's
 seccomp filter, layer 3; the isolation check, layer 4, which fails the job and replaces the
 worker), and the next legitimate job, from another user, must still be `torch.equal` to a
-local run. The blocks are written to a module file at test time (the client reads a block's
-source from its file), one function per attack.
+local run. `SHIPPED_ATTACKS` do the same inside a helper function the block calls, which the
+client ships by source (`_load_function`): checked, and run with the same restricted builtins.
+The blocks are written to a module file at test time (the client reads a block's source from
+its file), one function per attack.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ ATTACKS: dict[str, str] = {
     "open_passwd": "open('/etc/passwd').read()",
     "open_environ": "open('/proc/self/environ').read()",
     "write_weights_dir": "open('{weights}/model.safetensors', 'wb').write(b'x')",
+    "write_tmp": "open('{marker}', 'w').write('x')",
     "subclasses_escape": "().__class__.__base__.__subclasses__()",
     "subclasses_via_object": "object.__subclasses__()",
     "getattr_built_name": "getattr(len, '__glo' + 'bals__')",
@@ -77,6 +80,33 @@ ATTACKS: dict[str, str] = {
     "exit": "exit(3)",
 }
 
+# Attacks inside a helper function the researcher defines and calls in the block: nested in
+# the function that traces, so the client ships it by source (nnsight's `_load_function`).
+# name -> lines of the helper's body (before `return t`)
+SHIPPED_ATTACKS: dict[str, str] = {
+    "dunder_import": "__import__('os').system('touch {marker}')",
+    "import_os": "import os\nos.system('touch {marker}')",
+    "open_passwd": "open('/etc/passwd').read()",
+    "write_weights_dir": "open('{weights}/model.safetensors', 'wb').write(b'x')",
+    "eval": "eval('1 + 1')",
+    "getattr_built_name": "getattr(t, '__glo' + 'bals__')",
+    "inner_lambda_import": "f = lambda: __import__('socket')\nf()",
+    "torch_save_none": "import torch\ntorch.save = None",
+}
+
+# A legitimate shipped helper: torch math, an allowed import, a default argument.
+SHIPPED_HELPER = """
+def shipped_legitimate(model, remote):
+    def centred(t, scale=2.0):
+        import math
+
+        return (t - t.mean(dim=-1, keepdim=True)) * math.sqrt(scale)
+
+    with model.trace(PROMPT, remote=remote):
+        logits = centred(model.lm_head.output).save()
+    return logits
+"""
+
 
 @pytest.fixture(scope="module")
 def gpt2(mesh):
@@ -98,6 +128,16 @@ def attacks(mesh, tmp_path_factory):
             "        logits = model.lm_head.output.save()\n"
             "    return logits\n"
         )
+    for name, body in SHIPPED_ATTACKS.items():
+        helper = textwrap.indent(body.format(marker=marker, weights=weights), " " * 8)
+        parts.append(
+            f"\ndef shipped_{name}(model):\n"
+            f"    def helper(t):\n{helper}\n        return t\n\n"
+            "    with model.trace(PROMPT, remote=True):\n"
+            "        logits = helper(model.lm_head.output).save()\n"
+            "    return logits\n"
+        )
+    parts.append(SHIPPED_HELPER)
     path = folder / "attack_blocks.py"
     path.write_text("".join(parts))
     spec = importlib.util.spec_from_file_location("attack_blocks", path)
@@ -127,6 +167,38 @@ def test_attack_is_refused_or_contained(mesh, gpt2, attacks, name: str) -> None:
         getattr(module, f"attack_{name}")(gpt2[0])
     assert not marker.exists()
     next_user_gets_local_results(mesh, gpt2)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_ATTACKS))
+def test_a_shipped_helper_attack_is_refused_or_contained(mesh, gpt2, attacks, name: str) -> None:
+    module, marker = attacks
+    CONFIG.API.HOST = mesh.url
+    CONFIG.API.APIKEY = mesh.token(sub="mallory@uni-example.eu")
+    CONFIG.API.COMPRESS = True
+    with pytest.raises(RemoteError):
+        getattr(module, f"shipped_{name}")(gpt2[0])
+    assert not marker.exists()
+    next_user_gets_local_results(mesh, gpt2)
+
+
+def test_a_refusal_names_the_site_and_its_policy(mesh, gpt2, attacks) -> None:
+    module, _ = attacks
+    CONFIG.API.HOST = mesh.url
+    CONFIG.API.APIKEY = mesh.token(sub="mallory@uni-example.eu")
+    with pytest.raises(RemoteError) as caught:
+        module.shipped_import_os(gpt2[0])
+    text = str(caught.value)
+    assert "refused your job" in text and "site policy edif-default v1" in text, text
+
+
+def test_a_legitimate_shipped_helper_matches_local(mesh, gpt2, attacks) -> None:
+    module, _ = attacks
+    CONFIG.API.HOST = mesh.url
+    CONFIG.API.APIKEY = mesh.token(sub="alice@uni-example.eu")
+    remote, local = gpt2
+    assert torch.equal(
+        module.shipped_legitimate(remote, True), module.shipped_legitimate(local, False)
+    )
 
 
 def _load_function_gadget(source: str) -> bytes:

@@ -21,7 +21,7 @@ from nnsight.tracing.backend import Backend
 
 from edif.demo import TINY_GPT2, load
 from edif.errors import SandboxViolation, UserCodeError
-from site_agent import execution
+from site_agent import execution, unpickler
 from site_agent.execution import run_request
 from site_agent.runtime_guard import attribute_refused, builtins_dict, restricted_builtins
 from site_agent.source_policy import SourcePolicy
@@ -48,6 +48,9 @@ def models(tmp_path_factory):
 def no_static_check(monkeypatch):
     monkeypatch.setattr(execution, "check_source", lambda *a, **k: None)
     monkeypatch.setattr(execution, "check_namespace", lambda *a, **k: None)
+    # Shipped functions are checked inside the unpickler (`_load_function`, `_fill`).
+    monkeypatch.setattr(unpickler, "check_source", lambda *a, **k: None)
+    monkeypatch.setattr(unpickler, "check_namespace", lambda *a, **k: None)
 
 
 def run(models, cap: Capture) -> dict:
@@ -113,6 +116,60 @@ def test_a_subclasses_walk_by_built_names_is_refused(models, no_static_check) ->
         base = getattr(getattr((), "__cla" + "ss__"), "__ba" + "se__")
         x = meta.lm_head.output.save()
     expect_violation(models, cap, "'__class__'")
+
+
+def test_a_shipped_function_imports_through_the_guard(models, no_static_check) -> None:
+    meta, _ = models
+
+    def helper(t):  # nested: the client ships it by source (`_load_function`)
+        return __import__("os").getcwd(), t
+
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        x = helper(meta.lm_head.output)[1].save()
+    expect_violation(models, cap, "import of 'os'")
+
+
+def test_a_shipped_function_cannot_open_files(models, no_static_check) -> None:
+    meta, _ = models
+
+    def helper(t):
+        return open("/etc/passwd").read(), t  # noqa: SIM115
+
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        x = helper(meta.lm_head.output)[1].save()
+    expect_violation(models, cap, "open()")
+
+
+def test_functions_a_shipped_function_defines_inherit_the_guard(models, no_static_check) -> None:
+    meta, _ = models
+
+    def helper(t):
+        inner = lambda: eval("1")  # noqa: E731 - defined at run time, on the site
+        return inner(), t
+
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        x = helper(meta.lm_head.output)[1].save()
+    expect_violation(models, cap, "eval()")
+
+
+def test_a_shipped_torch_helper_still_matches_local(models) -> None:
+    meta, real = models
+
+    def centred(t, scale):
+        import math
+
+        return (t - t.mean(dim=-1, keepdim=True)) * math.sqrt(scale)
+
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        x = centred(meta.lm_head.output, 2.0).save()
+    got = run(models, cap)
+    with real.trace(PROMPT):
+        ref = centred(real.lm_head.output, 2.0).save()
+    assert torch.equal(got["x"], ref)
 
 
 def test_allowed_imports_and_a_session_still_work(models) -> None:
