@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format proto bench clean chromium test-dashboard
+.PHONY: install demo test lint format proto bench clean chromium shellcheck test-dashboard
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: install lint
 chromium:
 	@if [ ! -x /usr/bin/chromium ]; then \
 		apt-get update && apt-get install -y --no-install-recommends chromium; \
+	fi
+
+# shellcheck for the FAU Slurm batch script (tests/site_agent/test_fau_deploy.py). Needs root.
+shellcheck:
+	@if [ ! -x /usr/bin/shellcheck ]; then \
+		apt-get update && apt-get install -y --no-install-recommends shellcheck; \
 	fi
 
 test-dashboard: install chromium

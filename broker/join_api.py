@@ -2,6 +2,8 @@
 
 Routes (every one takes `Authorization: Bearer <token>`):
 `POST /sites/join` (a join token; body `JoinRequest`; reply `JoinReply`),
+`POST /sites/{site}/rejoin` (that site's stored credential instead of a join token; same body
+and reply),
 `POST /sites/{site}/register` (body `SiteRecord`), `POST /sites/{site}/heartbeat`,
 `POST /sites/{site}/credential` (a fresh site credential) and `POST /sites/{site}/leave`,
 each with that site's credential. Errors are the app's typed ones (401, 403, 404 for a site the
@@ -14,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from broker.joins import JoinRequest, SiteRegistrar
+from edif.errors import PermissionDenied
 from registry.model import SiteRecord
 
 
@@ -21,6 +24,13 @@ def add_join_routes(app: FastAPI, registrar: SiteRegistrar) -> None:
     @app.post("/sites/join")
     async def join(body: JoinRequest, request: Request) -> JSONResponse:
         reply = registrar.join(_bearer(request), body)
+        return JSONResponse(reply.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
+
+    @app.post("/sites/{site}/rejoin")
+    async def rejoin(site: str, body: JoinRequest, request: Request) -> JSONResponse:
+        if body.site != site:
+            raise PermissionDenied(f"a request for site {body.site!r} cannot rejoin as {site!r}")
+        reply = registrar.rejoin(_bearer(request), body)
         return JSONResponse(reply.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
 
     @app.post("/sites/{site}/register")

@@ -16,6 +16,12 @@ Flow:
    `leave`s on a clean shutdown. Every call needs the site credential of that same site.
 3. Consul (`EDIF_CONSUL_ADDR` set on the broker): the reply names Consul's address and the
    agent registers there itself (`registry.ConsulCatalog`); these calls then answer 400.
+4. `rejoin(credential, request)`: an agent that restarts (or a new HPC allocation of the same
+   site) presents the site credential it stored instead of a join token; same reply, fresh
+   credential. Once that credential has expired too, only a new join token gets it back in.
+
+A site serving TLS sends its trust PEM in `JoinRequest.tls`; join and rejoin record it for the
+gRPC client (`broker.site_tls.SiteTlsPins`), and a (re)join without it makes the site plaintext.
 
 Either way the broker's routing follows the catalog (`broker.site_source.CatalogSites`).
 Tokens are never logged; only site names are.
@@ -32,6 +38,7 @@ from auth.keys import KeyStore
 from auth.roles import Role
 from auth.tokens import Claims, TokenIssuer, TokenVerifier
 from broker.config import BrokerSettings
+from broker.site_tls import SiteTlsPins, TlsOffer
 from edif.clock import Clock
 from edif.errors import BadRequest, PermissionDenied
 from registry.catalog import Catalog
@@ -49,6 +56,7 @@ class JoinRequest(BaseModel):
     address: str  # the advertised gRPC host:port the broker will call
     institution: str = ""
     agent_version: str = ""
+    tls: TlsOffer | None = None  # None: the agent serves plaintext gRPC
 
     def checked(self) -> JoinRequest:
         try:
@@ -90,8 +98,10 @@ class SiteRegistrar:
         clock: Clock,
         embedded: Catalog | None,
         consul_address: str | None = None,
+        tls_pins: SiteTlsPins | None = None,
     ) -> None:
         self._settings = settings
+        self._tls_pins = tls_pins
         self._keystore = keystore
         self._issuer = TokenIssuer(keystore, settings.issuer, clock)
         self._join_verifier = TokenVerifier(
@@ -114,6 +124,20 @@ class SiteRegistrar:
         request.checked()
         _site_claims(self._join_verifier.verify(token), request.site)
         log.info("site %s joined (advertises %s)", request.site, request.address)
+        return self._admit(request)
+
+    def rejoin(self, credential: str | None, request: JoinRequest) -> JoinReply:
+        """Join again with the site credential an earlier join gave (no join token needed)."""
+        request.checked()
+        self._check_credential(credential, request.site)
+        log.info("site %s rejoined (advertises %s)", request.site, request.address)
+        return self._admit(request)
+
+    def _admit(self, request: JoinRequest) -> JoinReply:
+        if self._tls_pins is not None:
+            self._tls_pins.record(request.site, request.tls)
+        elif request.tls is not None:
+            raise BadRequest("this broker cannot call sites over TLS (no TLS pin store)")
         credential = self._credential(request.site)
         return JoinReply(
             site=request.site,

@@ -76,6 +76,9 @@ class ConsulSettings(BaseSettings):
     backoff_initial_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
     min_query_interval_s: float = Field(default=0.1, ge=0)
+    # The agent serves gRPC over TLS (site YAML `tls:`): Consul's probe then speaks TLS too,
+    # without verifying the certificate (it checks liveness; the broker verifies identity).
+    grpc_tls: bool = False
 
 
 def service_id(site: str) -> str:
@@ -184,7 +187,8 @@ class ConsulCatalog:
             "CheckID": grpc_check_id(record.site),
             "Name": "eDIF agent gRPC health",
             "GRPC": record.grpc_address,
-            "GRPCUseTLS": False,
+            "GRPCUseTLS": self._settings.grpc_tls,
+            "TLSSkipVerify": self._settings.grpc_tls,
             "Interval": go_duration(self._settings.grpc_interval_s),
             "Timeout": go_duration(self._settings.grpc_timeout_s),
             "Status": "passing",

@@ -4,7 +4,9 @@ Role: the supervised form of `edif agent join` for a site's own machine. The uni
 as a dedicated unprivileged user (`edif`), restarts it when it fails (a clean leave, exit 0,
 stays down), gives it time to drain on stop, and takes every setting from an
 `EnvironmentFile` (`EDIF_BROKER_URL`, the join token `EDIF_JOIN_TOKEN`, `EDIF_HOME`, ...)
-so no secret is written into the unit itself, which is world-readable.
+so no secret is written into the unit itself, which is world-readable. The site credential
+from the first join is kept in systemd's state directory (`/var/lib/edif-agent-<site>`, mode
+0700), so restarts rejoin with it after the short-lived join token has expired.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ Type=simple
 User=edif
 Group=edif
 # EDIF_BROKER_URL, EDIF_JOIN_TOKEN (from `edif token issue --role site --site {site}`),
-# EDIF_HOME and other EDIF_* settings; keep this file mode 0600, owned by root.
+# EDIF_HOME and other EDIF_* settings; keep this file mode 0600, owned by root. The join
+# token is needed for the first start only: the site credential it buys is stored (0600) in
+# the state directory below and renewed, and restarts rejoin with it.
 EnvironmentFile={env_file}
+StateDirectory=edif-agent-{site}
+StateDirectoryMode=0700
+Environment=EDIF_AGENT_STATE_DIR=/var/lib/edif-agent-{site}
 ExecStart={exec_start}
 Restart=on-failure
 RestartSec=5

@@ -3,7 +3,8 @@
 A fourth agent joins the running mesh: with a join token for another site it is refused and
 never gets work; with its own it joins, serves, and `edif agent leave` drains it and takes it
 out of /status for good (the demo's supervisor does not restart agents that left cleanly, and
-these agents are not the supervisor's anyway).
+these agents are not the supervisor's anyway). Restarted with an expired join token, an agent
+rejoins with the site credential it stored; without that credential it says what to do.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import pytest
 import yaml
 from nnsight.intervention.backends.remote import RemoteBackend
 
+from auth.keys import KeyStore
 from auth.roles import Role
+from auth.tokens import TokenIssuer
+from edif.clock import FakeClock
 from edif.demo import TINY_GPT2, load
 from edif.up import free_port
 
@@ -49,11 +53,11 @@ def _env(mesh, token: str | None = None) -> dict[str, str]:
     return env
 
 
-def _join(mesh, site_file: Path, token: str, log: Path) -> subprocess.Popen:
+def _join(mesh, site_file: Path, token: str, log: Path, *extra: str) -> subprocess.Popen:
     argv = [
         *(sys.executable, "-m", "edif", "agent", "join", "--broker", mesh.url),
         *("--site", str(site_file), "--listen", f"127.0.0.1:{free_port()}"),
-        *("--ray-address", mesh.state["ray_address"], "--drain-timeout", "5"),
+        *("--ray-address", mesh.state["ray_address"], "--drain-timeout", "5", *extra),
     ]
     out = open(log, "ab")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(argv, env=_env(mesh, token), stdout=out, stderr=subprocess.STDOUT)
@@ -120,3 +124,67 @@ def test_leave_drains_and_deregisters(mesh, tmp_path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _wait_running(mesh, proc: subprocess.Popen, site: str, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (entries := _entries(mesh, site)) or any(
+        e["application_state"] != "RUNNING" for e in entries.values()
+    ):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, entries
+        time.sleep(0.5)
+
+
+def _leave(mesh, site_file: Path, proc: subprocess.Popen) -> None:
+    leave = subprocess.run(
+        [sys.executable, "-m", "edif", "agent", "leave", "--site", str(site_file)],
+        env=_env(mesh),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert leave.returncode == 0, leave.stderr
+    assert proc.wait(timeout=30) == 0
+
+
+def test_restart_rejoins_with_the_stored_credential_after_the_token_expired(mesh, tmp_path) -> None:
+    site = "rejoiner-demo"
+    site_file = _site_yaml(tmp_path, site)
+    fresh = mesh.issuer.issue(f"site:{site}", Role.SITE, 900, site=site)
+    # A join token that expired an hour ago (issued by the mesh's keys, with a clock behind).
+    past = TokenIssuer(KeyStore(mesh.home / "keys"), clock=FakeClock(time.time() - 4000))
+    expired = past.issue(f"site:{site}", Role.SITE, 900, site=site)
+    stored = mesh.home / "agent" / site / "credential.json"
+    log = tmp_path / "rejoiner.log"
+    procs = []
+    try:
+        procs.append(proc := _join(mesh, site_file, fresh, log))
+        _wait_running(mesh, proc, site, log)
+        assert stored.stat().st_mode & 0o777 == 0o600
+        assert fresh not in log.read_text()
+        _leave(mesh, site_file, proc)
+        assert _entries(mesh, site) == {}
+
+        # Restart with only the expired join token: the stored credential gets it back in.
+        procs.append(proc := _join(mesh, site_file, expired, log))
+        _wait_running(mesh, proc, site, log)
+        assert "rejoined with the stored site credential site=rejoiner-demo" in log.read_text()
+        _leave(mesh, site_file, proc)
+
+        # A new machine of the same site (no stored credential) with the expired token: a
+        # clear refusal that says how to get back in, and the site stays out.
+        empty = tmp_path / "fresh-state"
+        other_log = tmp_path / "no-credential.log"
+        procs.append(proc := _join(mesh, site_file, expired, other_log, "--state-dir", str(empty)))
+        assert proc.wait(timeout=90) == 1
+        output = other_log.read_text()
+        assert "the join token was refused" in output and "none is stored" in output, output
+        assert f"edif token issue --role site --site {site}" in output
+        assert expired not in output
+        assert _entries(mesh, site) == {}
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
