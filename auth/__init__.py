@@ -5,6 +5,11 @@ of the `KeyStore` under `$EDIF_HOME/keys`; researchers pass it to nnsight as the
 broker and site agents verify it with a `TokenVerifier` over the same public keys (the KeyStore,
 or its JWKS via `public_keys_from_jwks`) and get back `Claims`. `Pseudonymizer` turns the
 claimed user id into the stable pseudonym that logs and metrics carry instead.
+
+Keys rotate (`edif key rotate|list|retire`): `auth.rotation` decides, from the records in
+`keys.json` and the clock, which kid signs and which kids still verify. The broker also trusts
+institutions' OIDC providers (`auth.external`: `IssuerRouter` picks the verifier by `iss`;
+`ExternalVerifier` checks against the provider's JWKS, cached by `auth.remote_jwks`).
 """
 
 from auth.keys import KeyStore, kid_of, public_keys_from_jwks

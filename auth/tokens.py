@@ -18,7 +18,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -57,7 +57,19 @@ _DECODE_OPTIONS: dict[str, Any] = {
 }
 
 
-KeySource = KeyStore | Mapping[str, Ed25519PublicKey] | Callable[[], Mapping[str, Ed25519PublicKey]]
+@runtime_checkable
+class KeyResolver(Protocol):
+    """Finds a key by kid itself, e.g. refetching a remote JWKS on an unknown kid."""
+
+    def key_for(self, kid: str) -> Any | None: ...
+
+
+KeySource = (
+    KeyStore
+    | KeyResolver
+    | Mapping[str, Ed25519PublicKey]
+    | Callable[[], Mapping[str, Ed25519PublicKey]]
+)
 
 
 class Claims(BaseModel):
@@ -136,6 +148,7 @@ class TokenVerifier:
         revoked: Callable[[str], bool] | None = None,
     ) -> None:
         self._keys = _key_lookup(keys)
+        self._store = keys if isinstance(keys, KeyStore) else None
         self._issuer = issuer
         self._audience = audience
         self._clock = clock or SystemClock()
@@ -167,7 +180,7 @@ class TokenVerifier:
         alg = header.get("alg")
         if alg != ALGORITHM:
             raise AuthenticationError(
-                f"token algorithm {_show(alg)} is not accepted: eDIF only accepts EdDSA "
+                f"token algorithm {show(alg)} is not accepted: eDIF only accepts EdDSA "
                 "(Ed25519) tokens issued by `edif token issue`"
             )
         kid = header.get("kid")
@@ -178,10 +191,11 @@ class TokenVerifier:
         return kid
 
     def _decode(self, token: str, kid: str) -> dict[str, Any]:
-        key = self._keys().get(kid)
+        key = self._keys(kid)
         if key is None:
+            self._refuse_retired(kid)
             raise AuthenticationError(
-                f"token was signed by key {_show(kid)}, which this service does not know: it "
+                f"token was signed by key {show(kid)}, which this service does not know: it "
                 "comes from another eDIF deployment or a retired key; get a new token from "
                 "this deployment's `edif token issue`"
             )
@@ -189,7 +203,7 @@ class TokenVerifier:
             return jwt.decode(token, key, algorithms=[ALGORITHM], options=_DECODE_OPTIONS)
         except jwt.InvalidSignatureError as exc:
             raise AuthenticationError(
-                f"token signature does not verify with key {_show(kid)}: the token was altered "
+                f"token signature does not verify with key {show(kid)}: the token was altered "
                 "or signed by a different key; get a new token from `edif token issue`"
             ) from exc
         except jwt.MissingRequiredClaimError as exc:
@@ -198,49 +212,68 @@ class TokenVerifier:
             raise AuthenticationError(_MALFORMED) from exc
         except jwt.PyJWTError as exc:
             # PyJWT's messages name the rule broken ("Subject must be a string"), not values.
-            raise AuthenticationError(f"token is invalid: {_show(str(exc), 80)}") from exc
+            raise AuthenticationError(f"token is invalid: {show(str(exc), 80)}") from exc
+
+    def _refuse_retired(self, kid: str) -> None:
+        """A clearer refusal for a kid this store rotated out (its record says when)."""
+        record = self._store.records().get(kid) if self._store is not None else None
+        if record is None or record.retire_at is None or record.retire_at > self._clock.now():
+            return
+        raise AuthenticationError(
+            f"token was signed by key {show(kid)}, which was retired at "
+            f"{_utc(record.retire_at)} after a key rotation (its grace period is over); "
+            "get a new token from `edif token issue`"
+        )
 
     def _check_issuer_and_audience(self, payload: dict[str, Any]) -> None:
         if payload["iss"] != self._issuer:
             raise AuthenticationError(
-                f"token was issued by {_show(payload['iss'])}, but this service accepts only "
+                f"token was issued by {show(payload['iss'])}, but this service accepts only "
                 f"tokens issued by {self._issuer!r}"
             )
         aud = payload["aud"]
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if self._audience not in audiences:
             raise AuthenticationError(
-                f"token is meant for audience {_show(aud)}, not {self._audience!r}; issue one "
+                f"token is meant for audience {show(aud)}, not {self._audience!r}; issue one "
                 f"with `edif token issue --audience {self._audience}`"
             )
 
     def _check_times(self, claims: Claims) -> None:
-        now = self._clock.now()
-        if claims.exp <= now - self._leeway:
-            raise AuthenticationError(
-                f"token expired at {_utc(claims.exp)} ({_span(now - claims.exp)} ago); "
-                "get a new one with `edif token issue`"
-            )
-        if claims.nbf > now + self._leeway:
-            raise AuthenticationError(
-                f"token is not valid before {_utc(claims.nbf)} (in {_span(claims.nbf - now)}); "
-                "if that looks wrong, check the clocks of this machine and the issuer's"
-            )
-        if claims.iat > now + self._leeway:
-            raise AuthenticationError(
-                f"token claims to be issued in the future ({_utc(claims.iat)}); "
-                "check the clocks of this machine and the issuer's"
-            )
+        check_times(
+            claims, self._clock.now(), self._leeway, "get a new one with `edif token issue`"
+        )
 
 
-def _key_lookup(keys: KeySource) -> Callable[[], Mapping[str, Ed25519PublicKey]]:
+def check_times(claims: Claims, now: float, leeway_s: float, renew_hint: str) -> None:
+    """exp, nbf and iat against `now` (with leeway); AuthenticationError saying which failed."""
+    if claims.exp <= now - leeway_s:
+        raise AuthenticationError(
+            f"token expired at {_utc(claims.exp)} ({_span(now - claims.exp)} ago); {renew_hint}"
+        )
+    if claims.nbf > now + leeway_s:
+        raise AuthenticationError(
+            f"token is not valid before {_utc(claims.nbf)} (in {_span(claims.nbf - now)}); "
+            "if that looks wrong, check the clocks of this machine and the issuer's"
+        )
+    if claims.iat > now + leeway_s:
+        raise AuthenticationError(
+            f"token claims to be issued in the future ({_utc(claims.iat)}); "
+            "check the clocks of this machine and the issuer's"
+        )
+
+
+def _key_lookup(keys: KeySource) -> Callable[[str], Ed25519PublicKey | None]:
+    """kid -> key. A KeyStore is asked on every call, so rotations apply at once."""
     if isinstance(keys, KeyStore):
-        return keys.public_keys
+        return lambda kid: keys.public_keys().get(kid)
+    if isinstance(keys, KeyResolver):
+        return keys.key_for
     if isinstance(keys, Mapping):
-        return lambda: keys
+        return keys.get
     if callable(keys):
-        return keys
-    raise TypeError("keys must be a KeyStore, a mapping of kid to key, or a callable")
+        return lambda kid: keys().get(kid)
+    raise TypeError("keys must be a KeyStore, KeyResolver, mapping of kid to key, or callable")
 
 
 def _claims_for_issue(**fields: Any) -> Claims:
@@ -257,7 +290,7 @@ def _parse_claims(payload: dict[str, Any]) -> Claims:
         if any(err["loc"][:1] == ("role",) for err in exc.errors()):
             roles = ", ".join(role.value for role in Role)
             raise AuthenticationError(
-                f"token role {_show(payload.get('role'))} is not a known role ({roles})"
+                f"token role {show(payload.get('role'))} is not a known role ({roles})"
             ) from exc
         raise AuthenticationError(f"token claims are invalid: {_describe(exc)}") from exc
 
@@ -271,7 +304,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _show(value: Any, limit: int = 40) -> str:
+def show(value: Any, limit: int = 40) -> str:
     """A token-supplied value, quoted and cut short: headers and claims are attacker text."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -128,3 +128,68 @@ def test_list_shows_pseudonyms_and_revoke_marks_the_token(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "revoked" in runner.invoke(cli, ["token", "list"]).output
     assert runner.invoke(cli, ["token", "revoke"]).exit_code == 2
+
+
+# -- edif key rotate | list | retire -----------------------------------------------------------
+
+
+def test_key_rotate_switches_the_signing_key_and_keeps_the_old_one_in_grace(home, monkeypatch):
+    monkeypatch.setenv("EDIF_BROKER_KEY_GRACE_S", "3600")
+    old_token = _run("token", "issue", "--sub", "alice", "--role", "researcher").stdout.strip()
+    old_kid = KeyStore(home / "keys").kids()[0]
+
+    result = _run("key", "rotate")
+    assert result.exit_code == 0, result.output
+    new_kid = result.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", new_kid) and new_kid != old_kid
+    assert "3600s" in result.stderr
+
+    new_token = _run("token", "issue", "--sub", "bob", "--role", "researcher").stdout.strip()
+    assert _verify(home, old_token).sub == "alice"  # grace
+    assert _verify(home, new_token).sub == "bob"
+    assert pyjwt_kid(new_token) == new_kid
+
+    listing = _run("key", "list").stdout.splitlines()
+    assert listing[0].split()[:2] == ["kid", "created"]
+    rows = {line.split()[0]: line for line in listing[1:]}
+    assert " active " in rows[new_kid] + " "
+    assert " grace " in rows[old_kid]
+
+
+def test_key_rotate_with_zero_grace_and_emergency_retire(home):
+    from edif.errors import AuthenticationError
+
+    token = _run("token", "issue", "--sub", "alice", "--role", "researcher").stdout.strip()
+    first = KeyStore(home / "keys").kids()[0]
+    second = _run("key", "rotate", "--grace", "1h").stdout.strip()
+
+    result = _run("key", "retire", first, "--yes")
+    assert result.exit_code == 0, result.output
+    with pytest.raises(AuthenticationError, match="retired"):
+        _verify(home, token)
+    assert "retired" in _run("key", "list").stdout.split(first)[1].splitlines()[0]
+
+    # retiring the signing key rotates to a fresh one first
+    result = _run("key", "retire", second, "--yes")
+    assert "new tokens are signed by" in result.stderr
+    assert KeyStore(home / "keys").signing_key()[0] not in (first, second)
+
+
+def test_key_retire_unknown_kid_and_bad_grace(home):
+    _run("key", "rotate")
+    result = _run("key", "retire", "0123456789abcdef", "--yes")
+    assert result.exit_code == 1 and "no key" in result.output
+    assert _run("key", "rotate", "--grace", "soon").exit_code == 2
+
+
+def test_key_retire_asks_first(home):
+    kid = _run("key", "rotate").stdout.strip()
+    result = CliRunner().invoke(main, ["key", "retire", kid], input="n\n")
+    assert result.exit_code == 1  # aborted
+    assert KeyStore(home / "keys").signing_key()[0] == kid
+
+
+def pyjwt_kid(token: str) -> str:
+    import jwt
+
+    return jwt.get_unverified_header(token)["kid"]

@@ -301,7 +301,10 @@ class SqliteAuditLog:
                 )
             ]
             head = cp.read(self.head_path)
-        return verify_log(entries, accounting, head, self._signer.public_keys())
+        # The head was signed by the key that was active when it was written: after a key
+        # rotation that key may be retired, and still attests that moment.
+        keys = self._signer.public_keys_at(head.ts) if head is not None else {}
+        return verify_log(entries, accounting, head, keys)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -379,6 +382,6 @@ def open_audit_log(
     data_dir: Path, keys_dir: Path | None, rotation_s: float | None, clock: Clock | None = None
 ) -> SqliteAuditLog:
     """The broker's audit log under `<data_dir>/audit`, keys from `keys_dir` ($EDIF_HOME/keys)."""
-    signer = KeyStore(keys_dir) if keys_dir else KeyStore.default()
+    signer = KeyStore(keys_dir, clock) if keys_dir else KeyStore.default(clock)
     keyring = AuditKeyring(signer.directory, rotation_s, clock)
     return SqliteAuditLog(Path(data_dir) / "audit", keyring, signer, clock)

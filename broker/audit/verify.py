@@ -267,3 +267,15 @@ def _check_checkpoint(
     elif head is not None and by_seq[head_seq].hash != checkpoint.hash:
         reason = "the head does not match the signed checkpoint (the log was rewritten)"
         problems.append(Problem(seq=head_seq, reason=reason))
+    elif head is not None and _entry_ts(by_seq[head_seq]) > checkpoint.ts:
+        # Signed "before" the entry it covers: only a key that is retired by now could have
+        # been used to back-date it (the verifying key is the one live at checkpoint.ts).
+        reason = "the signed checkpoint is dated before the entry it covers (back-dated)"
+        problems.append(Problem(seq=head_seq, reason=reason))
+
+
+def _entry_ts(entry: StoredEntry) -> float:
+    try:
+        return float(json.loads(entry.body).get("ts", 0.0))
+    except (ValueError, TypeError, AttributeError):
+        return 0.0

@@ -162,3 +162,131 @@ def test_jwks_must_be_a_key_list(document):
 def test_default_store_lives_under_edif_home(tmp_path, monkeypatch):
     monkeypatch.setenv("EDIF_HOME", str(tmp_path))
     assert KeyStore.default().directory == tmp_path / "keys"
+
+
+# -- rotation in the store: records in keys.json, several processes, crashes -----------------
+
+DAY = 86400.0
+
+
+def _token(store: KeyStore, clock) -> str:
+    from auth.roles import Role
+    from auth.tokens import TokenIssuer
+
+    return TokenIssuer(store, clock=clock).issue("alice", Role.RESEARCHER, 30 * 86400)
+
+
+def test_rotation_is_seen_by_another_instance_without_restart(tmp_path):
+    from auth.tokens import TokenVerifier
+    from edif.clock import FakeClock
+    from edif.errors import AuthenticationError
+
+    clock = FakeClock()
+    cli, broker = KeyStore(tmp_path, clock), KeyStore(tmp_path, clock)  # two "processes"
+    verifier = TokenVerifier(broker, clock=clock)
+    old_kid = cli.signing_key()[0]
+    old_token = _token(cli, clock)
+    assert verifier.verify(old_token).sub == "alice"
+
+    new_kid = cli.rotate(grace_s=DAY)
+
+    assert broker.signing_key()[0] == new_kid != old_kid
+    assert [k["kid"] for k in broker.jwks()["keys"]] == sorted([old_kid, new_kid])
+    assert verifier.verify(old_token).sub == "alice"  # grace
+    assert verifier.verify(_token(broker, clock)).sub == "alice"
+    clock.advance(DAY)
+    assert [k["kid"] for k in broker.jwks()["keys"]] == [new_kid]
+    with pytest.raises(AuthenticationError, match="retired at .* grace period is over"):
+        verifier.verify(old_token)
+
+
+def test_records_are_durable_and_private(tmp_path):
+    import json as _json
+
+    store = KeyStore(tmp_path)
+    first = store.signing_key()[0]
+    second = store.rotate(grace_s=60)
+    meta = tmp_path / "keys.json"
+    assert _mode(meta) == 0o600
+    document = _json.loads(meta.read_text())
+    assert {entry["kid"] for entry in document["keys"]} == {first, second}
+    assert not list(tmp_path.glob(".*.tmp"))  # no temp files left behind
+    assert KeyStore(tmp_path).signing_key()[0] == second
+
+
+def test_a_legacy_folder_is_adopted_by_its_first_rotation(tmp_path):
+    from auth.rotation import KeyState
+
+    legacy = sorted(_write_key(tmp_path) for _ in range(2))
+    store = KeyStore(tmp_path)
+    assert store.signing_key()[0] == legacy[0]  # the old rule, before keys.json exists
+    assert not (tmp_path / "keys.json").exists()
+    new = store.rotate(grace_s=60)
+    assert store.states() == {
+        legacy[0]: KeyState.GRACE,
+        legacy[1]: KeyState.GRACE,
+        new: KeyState.ACTIVE,
+    }
+
+
+def test_a_key_file_without_record_is_ignored(tmp_path):
+    # What a crash between writing the PEM and committing keys.json leaves behind.
+    store = KeyStore(tmp_path)
+    kid = store.signing_key()[0]
+    orphan = _write_key(tmp_path)
+    assert store.untracked() == [orphan]
+    assert list(store.public_keys()) == [kid]
+    assert store.signing_key()[0] == kid
+
+
+def test_retiring_the_signing_key_rotates_first(tmp_path):
+    from auth.rotation import KeyState
+
+    store = KeyStore(tmp_path)
+    leaked = store.signing_key()[0]
+    new = store.retire(leaked, grace_s=DAY)
+    assert new is not None and store.signing_key()[0] == new
+    assert store.states()[leaked] is KeyState.RETIRED
+    assert list(store.public_keys()) == [new]
+
+
+def test_retiring_an_unknown_kid_is_not_found(tmp_path):
+    from edif.errors import NotFound
+
+    store = KeyStore(tmp_path)
+    store.signing_key()
+    with pytest.raises(NotFound, match="edif key list"):
+        store.retire("0123456789abcdef")
+
+
+def test_damaged_records_are_a_config_error(tmp_path):
+    store = KeyStore(tmp_path)
+    store.signing_key()
+    (tmp_path / "keys.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read key records"):
+        KeyStore(tmp_path).public_keys()
+
+
+def _rotate_in_child(directory: str, start: multiprocessing.synchronize.Event, out) -> None:
+    start.wait()
+    out.put(KeyStore(Path(directory)).rotate(grace_s=DAY))
+
+
+def test_concurrent_rotations_lose_no_key(tmp_path):
+    # Four processes rotate at once; the lock serialises them: every new key is recorded.
+    first = KeyStore(tmp_path).signing_key()[0]
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_rotate_in_child, args=(str(tmp_path), start, out)) for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    start.set()
+    new = {out.get(timeout=30) for _ in procs}
+    for p in procs:
+        p.join(timeout=30)
+    store = KeyStore(tmp_path)
+    assert set(store.records()) == new | {first}
+    assert store.signing_key()[0] in new
+    assert set(store.public_keys()) == new | {first}

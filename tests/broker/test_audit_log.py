@@ -9,7 +9,15 @@ import stat
 
 import pytest
 
-from broker.audit import AuditAction, AuditEvent, AuditFilter, AuditKeyring, open_audit_log
+from auth.keys import KeyStore
+from broker.audit import (
+    AuditAction,
+    AuditEvent,
+    AuditFilter,
+    AuditKeyring,
+    checkpoint,
+    open_audit_log,
+)
 from broker.audit.export import to_csv
 from broker.audit.keys import audit_pseudonym
 from edif.clock import FakeClock
@@ -67,6 +75,30 @@ def test_appended_entries_chain_and_verify(log, clock) -> None:
     report = log.verify()
     assert report.ok, report
     assert report.head_seq == report.checkpoint_seq == 6
+
+
+def test_verify_still_passes_after_the_signing_key_is_rotated_out(log, clock, tmp_path) -> None:
+    """The head was signed by a key that has since been rotated out and retired: it still
+    attests the moment it signed, and nothing new had to be written for verify to pass."""
+    job_events(log, clock)
+    keys = KeyStore(tmp_path / "keys", clock)
+    old_kid = keys.signing_key()[0]
+    keys.rotate(grace_s=60)
+    clock.advance(3600)
+    assert old_kid not in keys.public_keys()  # retired: no token it signed verifies now
+    assert log.verify().ok
+
+
+def test_a_back_dated_checkpoint_is_refused(log, clock, tmp_path) -> None:
+    """A checkpoint dated before the entry it covers is the signature of a retired key."""
+    job_events(log, clock)
+    head = json.loads(log.head_path.read_text())
+    keys = KeyStore(tmp_path / "keys", clock)
+    kid, key = keys.signing_key()
+    forged = checkpoint.sign(head["seq"], head["hash"], head["ts"] - 0.5, kid, key)
+    log.head_path.write_text(forged.model_dump_json())
+    report = log.verify()
+    assert not report.ok and "back-dated" in str(report)
 
 
 def test_empty_log_verifies(log) -> None:
