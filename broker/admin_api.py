@@ -10,12 +10,17 @@ Routes (roles `governance` and `admin` only; any other valid token gets 403, non
 - `GET /admin/api/usage?period=day|week|month`: GPU-seconds per user pseudonym and per group in
   the current period, and unfinished jobs per pseudonym. Raw user ids never appear.
 
+Every change (PUT, DELETE) is written to the audit log as a `quota.change` entry: who (the log
+pseudonymizes the staff member's `sub`), their role, scope, name and the new policy (null when
+removed). `record_quota_change` is the one way to write it; the dashboard's form does the same.
+
 The token comes in the `ndif-api-key` header (as nnsight sends it) or `Authorization: Bearer`.
 Errors are the broker's typed errors, answered `{"detail": ...}` by the app's handlers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Any
@@ -24,6 +29,8 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
 from auth.roles import Role
+from broker.audit.model import AuditAction, AuditEvent
+from broker.audit.store import AuditLog, NullAuditLog
 from broker.ports import Authenticator, Identity
 from broker.quotas.policy import Period, PolicyUpdate, Scope
 from broker.quotas.service import QuotaService
@@ -41,7 +48,14 @@ PRECEDENCE = (
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
 
 
-def add_admin_api_routes(app: FastAPI, quotas: QuotaService, authenticator: Authenticator) -> None:
+def add_admin_api_routes(
+    app: FastAPI,
+    quotas: QuotaService,
+    authenticator: Authenticator,
+    audit: AuditLog | None = None,  # None: changes are not audited (audit log turned off)
+) -> None:
+    journal: AuditLog = audit or NullAuditLog()
+
     def staff(request: Request) -> Identity:
         identity = authenticator.verify(_token(request))  # AuthenticationError -> 401
         if str(identity.role) not in ADMIN_ROLES:
@@ -62,6 +76,8 @@ def add_admin_api_routes(app: FastAPI, quotas: QuotaService, authenticator: Auth
         _check_name(scope, name)
         update = _update_of(await request.body())
         policy = quotas.set_policy(scope, name, update)
+        dumped = policy.model_dump(mode="json")
+        await asyncio.to_thread(record_quota_change, journal, who, scope, name, dumped)
         log.info("quota policy %s/%s set by %s", scope.value, name, quotas.pseudonym(who.sub))
         return {"scope": scope.value, "name": name, "policy": policy.model_dump(mode="json")}
 
@@ -69,6 +85,7 @@ def add_admin_api_routes(app: FastAPI, quotas: QuotaService, authenticator: Auth
     async def delete_quota(scope: Scope, name: str, request: Request) -> dict[str, Any]:
         who = staff(request)
         quotas.delete_policy(scope, name)
+        await asyncio.to_thread(record_quota_change, journal, who, scope, name, None)
         log.info("quota policy %s/%s removed by %s", scope.value, name, quotas.pseudonym(who.sub))
         return {"scope": scope.value, "name": name, "deleted": True}
 
@@ -76,6 +93,22 @@ def add_admin_api_routes(app: FastAPI, quotas: QuotaService, authenticator: Auth
     async def usage(request: Request, period: Period = Period.DAY) -> dict[str, Any]:
         staff(request)
         return quotas.usage(period).model_dump(mode="json")
+
+
+def record_quota_change(
+    audit: AuditLog, who: Identity, scope: Scope, name: str, policy: dict[str, Any] | None
+) -> None:
+    """Write the `quota.change` entry for a change already made (policy None: removed).
+
+    A failing audit log is logged, not raised: the change is in force and the caller's reply
+    must say so.
+    """
+    data: dict[str, Any] = {"scope": scope.value, "name": name, "policy": policy}
+    event = AuditEvent(action=AuditAction.QUOTA_CHANGE, user=who.sub, role=str(who.role), data=data)
+    try:
+        audit.append(event)
+    except Exception:
+        log.exception("could not audit quota change %s/%s", scope.value, name)
 
 
 def _token(request: Request) -> str | None:

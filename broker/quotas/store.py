@@ -118,6 +118,15 @@ class QuotaStore:
             ).fetchone()
         return float(total)
 
+    def charges(self, scope: str, start: float) -> list[tuple[str, float, float]]:
+        """Every charge to `scope` since `start`, as (name, GPU-seconds, at), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, gpu_seconds, at FROM charges WHERE scope = ? AND at >= ? ORDER BY at",
+                (scope, start),
+            ).fetchall()
+        return [(name, float(gpu_s), float(at)) for name, gpu_s, at in rows]
+
     def usage(self, start: float, end: float) -> list[UsageRow]:
         with self._lock:
             rows = self._db.execute(
