@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import anyio._backends._asyncio  # noqa: F401  (before nnsight: spec §11.4)
 import pytest
 from broker_fakes import (
@@ -67,3 +70,17 @@ def make_client(tmp_path, make_service):
     yield build
     for client in opened:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def postgres_uri():
+    """A real PostgreSQL 16 for the job store tests (pgserver's binaries, a Unix socket).
+
+    Its data directory is outside pytest's 0700 temp tree: run as root, pgserver hands the
+    directory to an unprivileged user, who must be able to reach it."""
+    pgserver = pytest.importorskip("pgserver")  # a dev dependency: present under `make test`
+    data = tempfile.mkdtemp(prefix="edif-test-pg-")
+    server = pgserver.get_server(data, cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+    shutil.rmtree(data, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from processes import BrokerProcess, stop_process
 
 from auth.keys import KeyStore
 from auth.roles import Role
@@ -83,39 +83,6 @@ def _wait_running(url: str, timeout_s: float) -> None:
     raise RuntimeError(f"models not RUNNING at {url}: {deployments}")
 
 
-def _second_broker(home: Path, logs: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "EDIF_HOME": str(home),
-        "EDIF_BROKER_HOST": "127.0.0.1",
-        "EDIF_BROKER_PORT": str(port),
-        "EDIF_BROKER_SITES_FILE": str(home / "run" / "sites.yaml"),
-        "EDIF_BROKER_DATA_DIR": str(home / "run" / "broker-url-only"),
-        "EDIF_BROKER_INLINE_MAX_BYTES": "0",
-        "EDIF_BROKER_HEARTBEAT_S": "1",
-    }
-    log = open(logs / "broker-url-only.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edif", "broker", "run"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("edif-home")
@@ -139,15 +106,18 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
     up = subprocess.Popen(
         argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
-    second = None
+    # A second broker over the same sites that always delivers results by URL.
+    url_only = BrokerProcess(
+        home, "broker-url-only", free_port(), {"EDIF_BROKER_INLINE_MAX_BYTES": "0"}
+    )
     try:
         state = _wait_file(state_file, up, 180)
-        second, url_only = _second_broker(home, Path(state["logs_dir"]))
+        url_only.log_path = Path(state["logs_dir"]) / "broker-url-only.log"
+        url_only.start()
         _wait_running(state["broker_url"], 240)
-        _wait_running(url_only, 60)
+        _wait_running(url_only.url, 60)
         issuer = TokenIssuer(KeyStore(home / "keys"))
-        yield Mesh(home, state["broker_url"], url_only, state, issuer)
+        yield Mesh(home, state["broker_url"], url_only.url, state, issuer)
     finally:
-        if second is not None:
-            _stop(second)
-        _stop(up)
+        url_only.stop()
+        stop_process(up)

@@ -272,6 +272,44 @@ def test_result_download_with_any_address_is_4xx(
     assert response.status_code >= 400
 
 
+range_values = st.one_of(
+    st.text(max_size=40),
+    st.builds(
+        lambda a, b, suffix: f"bytes={a}-{b}" if not suffix else f"bytes=-{a}",
+        st.integers(-5, 10**12),
+        st.one_of(st.just(""), st.integers(-5, 10**12).map(str)),
+        st.booleans(),
+    ),
+    st.lists(st.integers(0, 5000), min_size=2, max_size=8).map(
+        lambda xs: "bytes=" + ",".join(f"{a}-{b}" for a, b in zip(xs[::2], xs[1::2], strict=False))
+    ),
+)
+
+
+@FUZZ
+@given(value=range_values, if_range=st.one_of(st.none(), small_text), head=st.booleans())
+def test_any_range_header_on_a_real_result_is_200_206_or_416(
+    protocol_client, value, if_range, head
+) -> None:
+    """A broken download resumes with `Range`; no header value may turn into a 5xx."""
+    job_id = done_job(protocol_client)
+    job = protocol_client.service.job(job_id)
+    headers = {"range": value}
+    if if_range is not None:
+        headers["if-range"] = if_range
+    url = f"/results/{job_id}/{job.result.token}"
+    try:
+        response = (protocol_client.head if head else protocol_client.get)(url, headers=headers)
+    except URL_ERRORS:  # a header value httpx itself will not send
+        return
+    if not head:  # a HEAD answer has no body to check
+        assert_handled(response)
+    assert response.status_code in (200, 206, 416), (value, response.status_code)
+    if response.status_code == 206 and not head:
+        start, end = map(int, response.headers["content-range"][6:].split("/")[0].split("-"))
+        assert len(response.content) == end - start + 1
+
+
 _DONE: list[str] = []
 
 
