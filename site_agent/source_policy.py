@@ -42,6 +42,7 @@ to the places this check sees, and the worker's isolation covers everything else
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import importlib.util
 import re
@@ -366,7 +367,65 @@ def check_source(
     `bindings` are the module values of the namespace the code will run against (for the
     block: its shipped globals and locals); `first_line` is the line of the file the source
     starts at, so messages name the user's line.
+
+    Verdicts are cached (`_VERDICTS`): a researcher resends the same code, and the check is a
+    function of its inputs only. The key is the policy itself (every rule, not just its
+    label), the source's SHA-256, filename and first line (which the message names), the
+    bindings as names of the site's modules (bindings to modules a payload built are never
+    cached: what their attributes resolve to is payload data), and the number of loaded
+    modules (what an attribute chain on a site module resolves to can change when a module
+    is imported lazily).
     """
+    key = _verdict_key(source, filename, policy, bindings, first_line)
+    if key is not None:
+        refusal = _VERDICTS.get(key, _MISSING)
+        if refusal is None:
+            return
+        if refusal is not _MISSING:
+            raise SourceRefused(*refusal)
+    try:
+        _check_source(source, filename, policy, bindings, first_line)
+    except SourceRefused as exc:
+        _remember(key, (exc.message, exc.lineno))
+        raise
+    _remember(key, None)
+
+
+_VERDICTS: dict[tuple, tuple[str, int | None] | None] = {}
+_MAX_VERDICTS = 4096
+
+
+def _verdict_key(
+    source: str,
+    filename: str,
+    policy: SourcePolicy,
+    bindings: Mapping[str, ModuleType] | None,
+    first_line: int,
+) -> tuple | None:
+    named = []
+    for name, module in (bindings or {}).items():
+        if not is_site_module(module):
+            return None
+        named.append((name, module.__name__))
+    digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    return (policy, digest, filename, first_line, tuple(sorted(named)), len(sys.modules))
+
+
+def _remember(key: tuple | None, verdict: tuple[str, int | None] | None) -> None:
+    if key is None:
+        return
+    if len(_VERDICTS) >= _MAX_VERDICTS:  # bounded: drop the oldest entry
+        del _VERDICTS[next(iter(_VERDICTS))]
+    _VERDICTS[key] = verdict
+
+
+def _check_source(
+    source: str,
+    filename: str,
+    policy: SourcePolicy,
+    bindings: Mapping[str, ModuleType] | None,
+    first_line: int,
+) -> None:
     offset = first_line - 1
     try:
         tree = ast.parse(source, filename=filename)

@@ -389,3 +389,39 @@ def test_a_shipped_class_cannot_bring_a_hook_under_another_name() -> None:
     blob = pickle.dumps(Call(cloudpickle_impl._class_setstate, skeleton, ({"__del__": 1}, {})))
     with pytest.raises(PayloadRefused, match="sets '__del__'"):
         unpickle(blob)
+
+
+def test_verdicts_are_cached_per_policy_source_and_place() -> None:
+    from site_agent import source_policy
+
+    source = "import statistics\ny = 1\n"
+    wider = dataclasses.replace(
+        POLICY, name="wider", import_roots=POLICY.import_roots | {"statistics"}
+    )
+    sizes = []
+    # The first round may import `statistics` (resolving it), which changes the key's module
+    # count; later rounds are answered from the cache, identically.
+    for _ in range(3):
+        with pytest.raises(SourceRefused, match="line 1: .*edif-default v1") as caught:
+            check_source(source, "/r/a.py", POLICY)
+        assert caught.value.lineno == 1
+        check_source(source, "/r/a.py", wider)
+        with pytest.raises(SourceRefused, match="line 11: .*b.py"):
+            check_source(source, "/r/b.py", POLICY, first_line=11)
+        sizes.append(len(source_policy._VERDICTS))
+    assert sizes[1] == sizes[2]
+    assert len({k for k in source_policy._VERDICTS if k[2] in ("/r/a.py", "/r/b.py")}) >= 3
+
+
+def test_verdicts_with_a_payload_built_module_are_not_cached() -> None:
+    from site_agent import source_policy
+
+    helpers = types.ModuleType("helpers")  # as cloudpickle rebuilds a by-value module
+    helpers.torch = torch
+    before = len(source_policy._VERDICTS)
+    check("helpers.torch.zeros(2)", {"helpers": helpers})
+    assert len(source_policy._VERDICTS) == before
+    helpers.torch = np  # the same source now means something else, and is checked again
+    check("helpers.torch.zeros(2)", {"helpers": helpers})
+    check("np.zeros(2)", {"np": np})
+    assert len(source_policy._VERDICTS) == before + 1
