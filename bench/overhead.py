@@ -15,10 +15,16 @@ with a 128 MiB inline limit → drive them all with the unmodified nnsight 0.8.1
    `remote=True`, interleaved, p50/p95 after warm-ups; overhead = remote p50 - local p50.
    Local runs use torch.set_num_threads(1), as the site workers do (site config torch_threads).
    A second series with a thin `RemoteBackend` subclass that only records timestamps splits
-   the remote wall time into client-visible phases.
+   the remote wall time into client-visible phases. The same jobs, by the servers' own clocks:
+   the brokers and the agent write their spans to JSON-lines files (`EDIF_*_TRACES_FILE`),
+   from which the broker + agent fixed overhead is RECEIVED -> COMPLETED frame sent minus the
+   worker's block time, split into broker, agent (+ Ray + worker) and worker codec; what the
+   client sees on top of that is the client's own cost (and the HTTP parsing before RECEIVED).
 2. result delivery: a trace that saves `torch.ones(n)` built inside the block (on the site, so
    the upload stays small) for 1 MiB, 64 MiB and 1 GiB, minus a 1-float baseline → MB/s.
    CONFIG.API.COMPRESS is False here: zstd over 1 GiB of ones would measure compression.
+   From 64 MiB on, the servers' spans split each case into encode, site send, broker
+   receive, ResultEnd -> COMPLETED and the broker's serving of the download.
 3. result bytes of a saved last-token slice `h.output[:, -1, :]` against its own size and the
    full hidden state, on the GPT-2-small-shaped model with a 10-token prompt: the bytes the
    client actually received (the result blob handed to nnsight's `finalize`, the websocket
@@ -192,6 +198,7 @@ class Mesh:
         self.sites_dir = sites_dir
         self.logs = home / "bench-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.traces = home / "bench-traces"  # spans (JSON lines) of the brokers and the agent
         self.procs: list[subprocess.Popen] = []
         self.urls: dict[str, str] = {}
         self.state: dict[str, Any] = {}
@@ -203,6 +210,10 @@ class Mesh:
         env["PYTHONUNBUFFERED"] = "1"
         # 1 GiB results are files in each broker's data dir; let them go soon after the run.
         env["EDIF_BROKER_RESULT_TTL_S"] = "90"
+        # The servers' own timestamps (broker.telemetry, site_agent.telemetry): the
+        # server-side overhead in section 1 is read from these spans.
+        env["EDIF_BROKER_TRACES_FILE"] = str(self.traces / "broker-default.jsonl")
+        env["EDIF_AGENT_TRACES_FILE"] = str(self.traces / "agent.jsonl")
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -242,6 +253,7 @@ class Mesh:
                 "EDIF_BROKER_SITES_FILE": str(self.home / "run" / "sites.yaml"),
                 "EDIF_BROKER_DATA_DIR": str(self.home / "run" / f"broker-{name}"),
                 "EDIF_BROKER_INLINE_MAX_BYTES": str(inline_max_bytes),
+                "EDIF_BROKER_TRACES_FILE": str(self.traces / f"broker-{name}.jsonl"),
             }
         )
         self._spawn(f"broker-{name}", [sys.executable, "-m", "edif", "broker", "run"], env)
@@ -297,6 +309,7 @@ def timed_backend_class() -> type:
             self.blob_bytes: int | None = None  # the result blob handed to finalize
             self.delivery = ""
             self.result_url = ""
+            self.seen_job_id: str | None = None
 
         def _mark(self, name: str) -> None:
             self.marks.setdefault(name, time.perf_counter())
@@ -320,6 +333,7 @@ def timed_backend_class() -> type:
                 self.frame_bytes = len(message)
                 self.marks.setdefault("frame_arrived", arrived)
             response = super().parse(message)
+            self.seen_job_id = response.id  # blocking requests never set `job_id`
             self.marks.setdefault(f"ws_{response.status.value}", arrived)
             if isinstance(message, bytes | bytearray):
                 self._mark("frame_parsed")
@@ -466,7 +480,7 @@ def bench_latency(client: Client, repo_id: str, runs: int, warmups: int) -> dict
     for _ in range(warmups):
         small_trace(remote, layer, backend=client.timed(remote))
     phases: dict[str, list[float]] = {}
-    t_timed = []
+    t_timed, job_ids = [], []
     for _ in range(runs):
         backend = client.timed(remote)
         gc.collect()
@@ -474,6 +488,7 @@ def bench_latency(client: Client, repo_id: str, runs: int, warmups: int) -> dict
         small_trace(remote, layer, backend=backend)
         end = time.perf_counter()
         t_timed.append(end - start)
+        job_ids.append(backend.seen_job_id)
         for name, value in breakdown(backend, start, end).items():
             phases.setdefault(name, []).append(value)
     local_s, remote_s = summary(t_local, 1e3), summary(t_remote, 1e3)
@@ -491,6 +506,96 @@ def bench_latency(client: Client, repo_id: str, runs: int, warmups: int) -> dict
         "torch_threads_local": client.torch.get_num_threads(),
         "timed_backend_ms": summary(t_timed, 1e3),
         "phases_p50_ms": {k: percentile(v, 50) * 1e3 for k, v in phases.items()},
+        "server_side_ms": server_side(client.mesh.traces, job_ids),
+    }
+
+
+SERVER_PARTS = (  # (name, how it is computed from one job's spans), all in ms, p50 over jobs
+    ("broker RECEIVED -> COMPLETED frame sent", "total"),
+    ("  site block execution (edif.site.run)", "run"),
+    ("  = broker + agent fixed overhead", "fixed"),
+    ("    broker: admit/queue/dispatch, result store, safety check, frames", "broker"),
+    ("      of which ResultEnd -> COMPLETED (commit + fsyncs, safety check, record)", "commit"),
+    ("    agent: gRPC handler, slot, Ray hop, worker around the block", "agent"),
+    ("      of which worker deserialize + encode", "worker_codec"),
+)
+
+
+def _span_time(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _span_length(named: dict[str, dict], name: str) -> float:
+    span = named.get(name)
+    if span is None:
+        return 0.0
+    return _span_time(span["end_time"]) - _span_time(span["start_time"])
+
+
+def server_side(traces: Path, job_ids: list[str], wait_s: float = 7.0) -> dict[str, Any]:
+    """What the broker and the agent spent on each job, by their own clocks (their spans).
+    `job_ids` are the jobs of the timestamping series (blocking requests leave nnsight's
+    `job_id` unset; the ids come from the websocket frames).
+
+    Per job: `edif.job` starts when the broker answers RECEIVED (after admission and the job
+    record; the HTTP request parsing before it is not included); `edif.result.to_client`
+    starts just before the COMPLETED frame is sent; `edif.site.execute` is the agent's Execute
+    call; `edif.site.run` / `deserialize` / `encode` are the worker's own measurements. Span
+    processors export in batches (every 5 s), hence the wait.
+    """
+    time.sleep(wait_s)
+    wanted = set(job_ids)
+    by_job: dict[str, dict[str, dict]] = {}
+    trace_job: dict[str, str] = {}
+    spans = []
+    for path in (traces / "broker-default.jsonl", traces / "agent.jsonl"):
+        if path.exists():
+            spans += [json.loads(line) for line in path.read_text().splitlines() if line]
+    for span in spans:  # broker and agent spans share the job's trace id (traceparent)
+        job = (span.get("attributes") or {}).get("edif.job.id")
+        if job in wanted:
+            trace_job[span["context"]["trace_id"]] = job
+    for span in spans:
+        job = trace_job.get(span["context"]["trace_id"])
+        if job is not None:
+            by_job.setdefault(job, {})[span["name"]] = span
+    parts: dict[str, list[float]] = {key: [] for _, key in SERVER_PARTS}
+    for named in by_job.values():
+        need = ("edif.job", "edif.result.to_client", "edif.site.execute", "edif.site.run")
+        if not all(n in named for n in need):
+            continue
+
+        length = functools.partial(_span_length, named)
+        total = _span_time(named["edif.result.to_client"]["start_time"]) - _span_time(
+            named["edif.job"]["start_time"]
+        )
+        run = length("edif.site.run")
+        site = length("edif.site.execute")
+        codec = length("edif.site.deserialize") + length("edif.site.encode")
+        commit = float("nan")
+        if "edif.result.from_site" in named:
+            commit = _span_time(named["edif.result.to_client"]["start_time"]) - _span_time(
+                named["edif.result.from_site"]["end_time"]
+            )
+        values = {
+            "total": total,
+            "run": run,
+            "fixed": total - run,
+            "broker": total - site,
+            "agent": site - run,
+            "worker_codec": codec,
+            "commit": commit,
+        }
+        for key, value in values.items():
+            if value == value:  # not NaN
+                parts[key].append(value * 1e3)
+    return {
+        "jobs": len(job_ids),
+        "jobs_with_spans": len(parts["total"]),
+        "p50_ms": {name: percentile(parts[key], 50) for name, key in SERVER_PARTS},
+        "p95_ms": {name: percentile(parts[key], 95) for name, key in SERVER_PARTS},
     }
 
 
@@ -554,7 +659,64 @@ def run_ones(client: Client, n: int) -> dict[str, Any]:
         if "frame_arrived" in marks
         else None,
         "finalize_s": marks.get("finalize_done", 0) - marks.get("finalize_start", 0),
+        "job_id": backend.seen_job_id,
     }
+
+
+SPAN_STEPS = (  # (name, span, start or end of it, span, start or end): on the servers' clocks
+    ("worker encode (torch.save)", "edif.site.encode", "start", "edif.site.encode", "end"),
+    (
+        "site: first chunk -> ResultEnd sent",
+        "edif.site.result_transfer",
+        "start",
+        "edif.site.result_transfer",
+        "end",
+    ),
+    (
+        "broker: first chunk -> ResultEnd received",
+        "edif.result.from_site",
+        "start",
+        "edif.result.from_site",
+        "end",
+    ),
+    (
+        "broker: ResultEnd -> COMPLETED sent (commit, safety check, record)",
+        "edif.result.from_site",
+        "end",
+        "edif.result.to_client",
+        "start",
+    ),
+    ("download (broker serving)", "edif.result.download", "start", "edif.result.download", "end"),
+)
+
+
+def span_steps(traces: Path, broker: str, job_ids: list[str], wait_s: float = 7.0) -> dict:
+    """p50 seconds of each `SPAN_STEPS` step over `job_ids` (broker + agent spans)."""
+    time.sleep(wait_s)
+    spans = []
+    for path in (traces / f"broker-{broker}.jsonl", traces / "agent.jsonl"):
+        if path.exists():
+            spans += [json.loads(line) for line in path.read_text().splitlines() if line]
+    trace_job = {}
+    for span in spans:
+        job = (span.get("attributes") or {}).get("edif.job.id")
+        if job in job_ids:
+            trace_job[span["context"]["trace_id"]] = job
+    by_job: dict[str, dict[str, dict]] = {}
+    for span in spans:
+        job = trace_job.get(span["context"]["trace_id"])
+        if job is not None:
+            by_job.setdefault(job, {})[span["name"]] = span
+    out: dict[str, float] = {}
+    for name, a, a_at, b, b_at in SPAN_STEPS:
+        values = [
+            _span_time(named[b][f"{b_at}_time"]) - _span_time(named[a][f"{a_at}_time"])
+            for named in by_job.values()
+            if a in named and b in named
+        ]
+        if values:
+            out[name] = percentile(values, 50)
+    return out
 
 
 def p50_of(samples: list[dict[str, Any]], key: str) -> float | None:
@@ -604,6 +766,9 @@ def bench_delivery(client: Client, quick: bool, big: bool, runs: int) -> list[di
                 "finalize_s_p50": p50_of(samples, "finalize_s"),
             }
         )
+        if nbytes >= 64 * MiB:
+            ids = [s["job_id"] for s in samples]
+            rows[-1]["server_steps_s_p50"] = span_steps(client.mesh.traces, broker, ids)
         speed = rows[-1]["mb_per_s"]
         print(f"  delivery {label:>6} via {broker:<14} {speed:8.1f} MB/s", flush=True)
     return rows
@@ -929,6 +1094,19 @@ def print_latency(report: dict[str, Any]) -> None:
         print(f"\n  phases of a remote run, p50 ms ({row['model']}):")
         for name, value in row["phases_p50_ms"].items():
             print(f"    {name:<42}{value:>8.2f}")
+    for row in report["latency"]:
+        server = row.get("server_side_ms") or {}
+        if not server.get("jobs_with_spans"):
+            continue
+        print(
+            f"\n  server side, by the broker's and agent's own spans, ms ({row['model']}, "
+            f"{server['jobs_with_spans']} of {server['jobs']} jobs; p50 / p95):"
+        )
+        for name, value in server["p50_ms"].items():
+            print(f"    {name:<76}{value:>8.2f}{server['p95_ms'][name]:>8.2f}")
+        client_side = row["overhead_p50_ms"] - server["p50_ms"][SERVER_PARTS[2][0]]
+        print(f"    {'client-observed overhead minus server-side fixed overhead':<76}", end="")
+        print(f"{client_side:>8.2f}")
     print("\n  protocol pieces on their own (no job), ms:")
     for name, stats in report["floor"].items():
         print(f"    {name:<42}p50 {stats['p50']:>7.2f}   p95 {stats['p95']:>7.2f}")
@@ -948,6 +1126,16 @@ def print_delivery(report: dict[str, Any]) -> None:
             f"{_fmt(row['running_to_completed_s_p50']):>12}"
             f"{_fmt(row['download_s_p50']):>11}{_fmt(row['finalize_s_p50']):>8}"
         )
+    print_delivery_steps(report)
+
+
+def print_delivery_steps(report: dict[str, Any]) -> None:
+    for row in report["delivery"]:
+        steps = row.get("server_steps_s_p50")
+        if steps:
+            print(f"\n  {row['size']} via {row['broker']}, servers' own spans (p50 s):")
+            for name, value in steps.items():
+                print(f"    {name:<66}{value:>8.3f}")
 
 
 def print_slice(report: dict[str, Any]) -> None:
@@ -1006,6 +1194,14 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
                 "target": "<= 15",
                 "met": value <= 15,
             }
+            server = (row.get("server_side_ms") or {}).get("p50_ms") or {}
+            fixed = server.get(SERVER_PARTS[2][0])
+            if fixed is not None and fixed == fixed:  # not NaN
+                out["broker+agent fixed overhead p50, server-side spans, tiny-gpt2 (ms)"] = {
+                    "measured": fixed,
+                    "target": "<= 15",
+                    "met": fixed <= 15,
+                }
     for row in report.get("delivery", []):
         if row["tensor_bytes"] == GiB:
             value = row["mb_per_s"]

@@ -5,7 +5,7 @@ the service. Errors are typed (`EdifError`) and mapped once, here, to their HTTP
 `{"detail": message}` body, which the nnsight client prints as
 `RemoteError: Failed to send request: <message>`. Anything else is a bug: logged, answered 500.
 
-Routes: `WS /subscribe`, `POST /request`, `GET /response/{id}`, `GET /results/{id}/{token}`,
+Routes: `WS /subscribe`, `POST /request`, `GET /response/{id}`, `GET|HEAD /results/{id}/{token}`,
 `GET /status`, `GET /env`, `GET /whoami`, `GET /ping`, `GET /.well-known/jwks.json`.
 """
 
@@ -23,12 +23,14 @@ from typing import Any
 import anyio._backends._asyncio  # noqa: F401
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.config import BrokerSettings
 from broker.ports import Authenticator, Identity, JobService
+from broker.results.download import download_response
 from edif.errors import AuthenticationError, BadRequest, EdifError, NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -88,16 +90,14 @@ def _add_protocol_routes(
         identity = _identity_or_none(authenticator, request.headers.get(API_KEY_HEADER))
         if identity is None:  # indistinguishable from "not yours": job ids are not disclosed
             raise NotFound("No job with this id belongs to you (or it is no longer kept).")
-        return JSONResponse(service.status_of(identity, job_id).model_dump(mode="json"))
+        status = await service.status_of(identity, job_id)
+        return JSONResponse(status.model_dump(mode="json"))
 
-    @app.get("/results/{job_id}/{token}")
-    async def result(job_id: str, token: str) -> FileResponse:
-        stored = service.open_result(job_id, token)
-        return FileResponse(
-            stored.path,
-            media_type="application/octet-stream",
-            headers={"Cache-Control": "no-store"},
-        )
+    @app.api_route("/results/{job_id}/{token}", methods=["GET", "HEAD"])
+    async def result(job_id: str, token: str, request: Request) -> Response:
+        # Streamed in chunks from the store, with Range/If-Range so a broken download resumes.
+        stored = await run_in_threadpool(service.open_result, job_id, token)
+        return await download_response(stored, request.headers, request.method == "HEAD")
 
 
 def _add_service_routes(

@@ -66,6 +66,11 @@ class SiteCatalog:
         """The last Describe reply of every site that ever answered."""
         return dict(self._descriptions)
 
+    def max_concurrent_jobs(self, name: str) -> int:
+        """How many jobs site `name` says it takes at once (0: unknown, no limit)."""
+        description = self._descriptions.get(name)
+        return int(description.max_concurrent_jobs) if description is not None else 0
+
     def served_versions(self, key: ModelKey | None = None) -> set[str]:
         """nnsight versions of the reachable sites (hosting `key`, when some do)."""
         reachable = [view for view in self.views() if view.reachable]
@@ -215,7 +220,7 @@ def site_view(name: str, description: pb.SiteDescription) -> SiteView:
         )
     return SiteView(
         name,
-        True,
+        not description.draining,  # a leaving site keeps its models known but gets no work
         tuple(deployments),
         dict(description.versions),
         frozenset(description.allowed_groups),

@@ -12,11 +12,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from auth.external import ExternalIssuer
 from broker.quotas.policy import QuotaPolicy
 from edif.config import edif_home
 from edif.errors import ConfigError
@@ -79,6 +89,17 @@ class BrokerSettings(BaseSettings):
     max_payload_bytes: int = 256 * MiB
     max_result_bytes: int = 4 * GiB
     result_ttl_s: float = 3600.0
+    # Where results live (`broker.results`): local disk under data_dir, or an S3-compatible
+    # bucket (credentials: these settings, else boto3's usual chain; never logged).
+    result_store: Literal["disk", "s3"] = "disk"
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None  # None: AWS; e.g. http://127.0.0.1:9000 for MinIO
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "results/"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_part_bytes: int = Field(default=8 * MiB, ge=5 * MiB)  # multipart part size
+    s3_orphan_grace_s: float = Field(default=3600.0, ge=0)  # other replicas' uploads in flight
     job_retention_s: float = 24 * 3600.0
     heartbeat_s: float = 15.0
     # How many sites a job may be tried on when a site fails before running it to the end.
@@ -94,6 +115,13 @@ class BrokerSettings(BaseSettings):
     audience: str = "edif-broker"
     keys_dir: Path | None = None  # None: the shared key store under $EDIF_HOME
     site_token_ttl_s: float = 300.0
+    # Key rotation (`edif key rotate`, `auth.rotation`): how long the keys a rotation replaced
+    # keep verifying the tokens they signed; then they are retired (and leave the JWKS).
+    key_grace_s: float = Field(default=7 * 86400.0, ge=0)
+    # Institutions' OIDC providers trusted besides our own issuer (`auth.external`): a JSON
+    # list in EDIF_BROKER_EXTERNAL_ISSUERS of {name, issuer, jwks_url, audience, algorithms,
+    # claims: {sub, role, groups, role_values}, default_role, allowed_roles, groups}.
+    external_issuers: list[ExternalIssuer] = Field(default_factory=list)
 
     # Audit log (broker.audit): detailed job entries older than this become accounting rows.
     audit_detailed_retention_days: float = 90.0
@@ -106,12 +134,45 @@ class BrokerSettings(BaseSettings):
     site_credential_ttl_s: int = Field(default=24 * 3600, ge=60)
     site_heartbeat_ttl_s: float = Field(default=15.0, gt=0)
     site_deregister_after_s: float = Field(default=120.0, gt=0)
+    # TLS to sites that serve it (`broker.site_tls`): verify them against this CA bundle
+    # instead of the certificate each pinned at join; a client certificate for mTLS sites.
+    site_ca_file: Path | None = None
+    site_client_cert_file: Path | None = None
+    site_client_key_file: Path | None = None
 
     # Fair-use quotas (`broker.quotas`): the policy for anyone no role/group policy covers
     # (generous: a JSON object in EDIF_BROKER_QUOTA_DEFAULTS), and where policies and the usage
     # ledger live (None: <data_dir>/quotas.sqlite3).
     quota_defaults: QuotaPolicy = Field(default_factory=QuotaPolicy)
     quota_db: Path | None = None
+
+    # Fair-share queueing (`broker.fairshare`): jobs wait at the broker per model and get a
+    # site's worker in order of their owner's recent GPU-seconds, decayed with this half-life
+    # (Slurm fair share). Off: every job goes straight to a site and waits in its FIFO.
+    fair_share_enabled: bool = True
+    fair_share_half_life_s: float = Field(default=24 * 3600.0, gt=0)
+    fair_share_order: Literal["usage", "arrival"] = "usage"  # arrival: FIFO (comparisons)
+    fair_share_jobs_per_worker: int = Field(default=1, ge=1)  # granted at once per model worker
+    fair_share_position_interval_s: float = Field(default=1.0, ge=0)  # QUEUED position updates
+    fair_share_unroutable_s: float = Field(default=60.0, ge=0)  # waiting with no usable site
+
+    # Durable jobs (`broker.jobstore`): SQLite in WAL mode under data_dir by default; PostgreSQL
+    # (a DSN, kept secret) when several broker replicas share the jobs. Each replica needs its
+    # own instance id (default host:port); a replica whose lease lapses has its unfinished jobs
+    # taken over by the others.
+    job_store: Literal["sqlite", "postgres"] = "sqlite"
+    job_db: Path | None = None  # None: <data_dir>/jobs.sqlite3
+    job_store_dsn: SecretStr | None = None
+    job_store_sync: Literal["normal", "full"] = "normal"
+    instance_id: str | None = None
+    job_lease_s: float = Field(default=10.0, gt=0)
+
+    # Telemetry (`broker.telemetry`): Prometheus text at GET /metrics (aggregates, no user
+    # labels), finished spans appended to a JSON-lines file when set, and JSON log lines
+    # (ts, level, logger, msg, job_id, trace_id) instead of the default text format.
+    metrics_enabled: bool = True
+    traces_file: Path | None = None
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("public_url")
     @classmethod
@@ -125,6 +186,12 @@ class BrokerSettings(BaseSettings):
             raise ValueError("max_payload_bytes must stay below grpc_max_message_bytes")
         if self.dispatch_attempts < 1:
             raise ValueError("dispatch_attempts must be at least 1")
+        return self
+
+    @model_validator(mode="after")
+    def _s3_has_bucket(self) -> BrokerSettings:
+        if self.result_store == "s3" and not self.s3_bucket:
+            raise ValueError("result_store s3 needs s3_bucket (EDIF_BROKER_S3_BUCKET)")
         return self
 
     def load_sites(self) -> list[SiteEntry]:

@@ -5,10 +5,11 @@ in (`EmbeddedCatalog` in this process, or Consul when `EDIF_CONSUL_ADDR` is set)
 to both, opens the key store (creating the signing key on
 first use, so the JWKS that site agents fetch is never empty), and builds the token verifier
 for researchers (audience `edif-broker`), the cached per-site broker credentials, the gRPC site
-client, the site catalog, the disk result store and the job service behind the HTTP front. The
-app's lifespan starts the service (Describe on every site, waiting up to `startup_wait_s`) and
-on shutdown ends every unfinished job with ERROR. `run(settings)` serves it with uvicorn
-(`BrokerServer`, which tells clients of unfinished jobs before it closes their sockets).
+client, the site catalog, the result store (disk or S3) and the job service behind the HTTP
+front. The app's lifespan starts the service (Describe on every site, waiting up to
+`startup_wait_s`) and on shutdown ends every unfinished job with ERROR. `run(settings)` serves
+it with uvicorn (`BrokerServer`, which tells clients of unfinished jobs before it closes their
+sockets).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 
+from auth.external import IssuerRouter
 from auth.keys import KeyStore
 from auth.pseudonym import Pseudonymizer
 from auth.revocation import RevocationList
@@ -34,15 +36,21 @@ from broker.catalog import SiteCatalog
 from broker.config import BrokerSettings
 from broker.credentials import CachedSiteCredentials
 from broker.dashboard import add_dashboard_routes
+from broker.fairshare import ORDERS, DecayedUsage, FairShareScheduler
+from broker.jobstore import open_job_store
 from broker.join_api import add_join_routes
 from broker.joins import SiteRegistrar
 from broker.quotas.service import QuotaService
 from broker.quotas.store import QuotaStore
-from broker.results import DiskResultStore
+from broker.results.factory import open_result_store
 from broker.service import BrokerService
 from broker.site_source import CatalogSites
+from broker.site_tls import SiteTlsPins
 from broker.sites import GrpcSiteClient, SiteClient
+from broker.telemetry import BrokerTelemetry
+from broker.telemetry.http import add_telemetry_routes
 from edif.clock import Clock, SystemClock
+from edif.telemetry import configure_logging
 from registry.catalog import Catalog
 from registry.consul import ConsulCatalog, ConsulSettings
 from registry.embedded import EmbeddedCatalog
@@ -56,25 +64,39 @@ def build_app(
     """The broker app; `site_client` replaces the gRPC client (tests, in-process demos)."""
     settings = settings or BrokerSettings()
     clock = clock or SystemClock()
-    keystore = KeyStore(settings.keys_dir) if settings.keys_dir else KeyStore.default()
+    keystore = KeyStore(settings.keys_dir or KeyStore.default().directory, clock)
     keystore.signing_key()
     revocations = RevocationList(keystore.directory, clock)
-    verifier = TokenVerifier(
+    local = TokenVerifier(
         keystore,
         issuer=settings.issuer,
         audience=settings.audience,
         clock=clock,
         revoked=revocations.is_revoked,
     )
+    # Our own tokens (keys re-read per call: rotations apply without a restart), plus the
+    # institutions' OIDC providers, chosen by the token's `iss` (auth.external).
+    verifier = IssuerRouter.build(
+        local, settings.issuer, settings.external_issuers, clock, revocations.is_revoked
+    )
     credentials = CachedSiteCredentials(
         TokenIssuer(keystore, settings.issuer, clock), Role.BROKER, clock, settings.site_token_ttl_s
     )
     sites = settings.load_sites()
+    telemetry = BrokerTelemetry.from_settings(settings.traces_file)
+    tls_pins = SiteTlsPins(  # which joined sites serve TLS, verified against what (site_tls)
+        settings.data_dir / "site-tls",
+        settings.site_ca_file,
+        settings.site_client_cert_file,
+        settings.site_client_key_file,
+    )
     client = site_client or GrpcSiteClient(
         {site.name: site.address for site in sites},
         credentials,
         describe_timeout_s=settings.describe_timeout_s,
         max_message_bytes=settings.grpc_max_message_bytes,
+        tls=tls_pins,
+        observer=telemetry,
     )
     consul = ConsulSettings()
     registry: Catalog = ConsulCatalog(consul) if consul.addr else EmbeddedCatalog(clock)
@@ -86,9 +108,7 @@ def build_app(
         source=CatalogSites(registry),
         on_addresses=client.update_addresses if isinstance(client, GrpcSiteClient) else None,
     )
-    results = DiskResultStore(
-        settings.data_dir / "results", clock, settings.result_ttl_s, settings.max_result_bytes
-    )
+    results = open_result_store(settings, clock)  # disk, or S3 with result_store=s3
     pseudonymize = Pseudonymizer.from_home(keystore.directory)
     quota_store = QuotaStore(settings.quota_db or settings.data_dir / "quotas.sqlite3")
     quotas = QuotaService(quota_store, pseudonymize, clock, settings.quota_defaults)
@@ -101,21 +121,60 @@ def build_app(
         else None
     )
     auditor = JobAuditor(audit, background=True)
+    fairshare = _fair_share(settings, catalog, clock, quota_store)
     service = BrokerService(
-        settings, catalog, client, results, pseudonymize, clock, quotas, auditor
+        settings,
+        catalog,
+        client,
+        results,
+        pseudonymize,
+        clock,
+        quotas,
+        auditor,
+        fairshare=fairshare,
+        jobs=open_job_store(settings, clock),
+        observer=telemetry,
+    )
+    store_dir = "results" if settings.result_store == "disk" else "results-spool"
+    telemetry.watch(
+        sites=lambda: {view.name: view.reachable for view in catalog.views()},
+        result_store=settings.data_dir / store_dir,
     )
     lifespan = _flushing(lifespan_for(service, registry), auditor)
     if audit is not None:
         lifespan = with_retention(lifespan, audit, settings.audit_detailed_retention_days * 86400)
     app = create_app(service, verifier, settings, keystore.jwks, lifespan)
+    if settings.metrics_enabled:
+        add_telemetry_routes(app, telemetry)
     embedded = registry if isinstance(registry, EmbeddedCatalog) else None
-    add_join_routes(app, SiteRegistrar(keystore, settings, clock, embedded, consul.addr))
-    add_admin_api_routes(app, quotas, verifier)
+    add_join_routes(app, SiteRegistrar(keystore, settings, clock, embedded, consul.addr, tls_pins))
+    add_admin_api_routes(app, quotas, verifier, audit)
     add_dashboard_routes(app, quotas, verifier, audit, service.deployments, clock)
     app.state.service = service
     app.state.quotas = quotas
     app.state.registry = registry
+    app.state.telemetry = telemetry
     return app
+
+
+def _fair_share(
+    settings: BrokerSettings, catalog: SiteCatalog, clock: Clock, ledger: QuotaStore
+) -> FairShareScheduler | None:
+    """The broker-side fair-share queues (`broker.fairshare`), unless turned off. Recent usage
+    starts from the quota ledger (ten half-lives back), so a restart forgets nobody's use."""
+    if not settings.fair_share_enabled:
+        return None
+    usage = DecayedUsage(settings.fair_share_half_life_s, clock)
+    horizon = clock.now() - 10 * settings.fair_share_half_life_s
+    usage.seed(ledger.charges("user", horizon), clock.now())
+    return FairShareScheduler(
+        usage,
+        catalog.max_concurrent_jobs,
+        clock,
+        jobs_per_worker=settings.fair_share_jobs_per_worker,
+        unroutable_s=settings.fair_share_unroutable_s,
+        order=ORDERS[settings.fair_share_order],
+    )
 
 
 def lifespan_for(
@@ -164,6 +223,7 @@ def server_for(app: FastAPI, service: BrokerService, **options: object) -> Broke
 def run(settings: BrokerSettings | None = None) -> None:
     """Serve the broker until interrupted."""
     settings = settings or BrokerSettings()
+    configure_logging(settings.log_format)
     app = build_app(settings)
     server_for(app, app.state.service, host=settings.host, port=settings.port).run()
 

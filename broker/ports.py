@@ -56,7 +56,7 @@ class JobService(Protocol):
         """Validate and accept one job; returns its RECEIVED status (the POST reply)."""
         ...
 
-    def status_of(self, identity: Identity, job_id: str) -> StatusMessage:
+    async def status_of(self, identity: Identity, job_id: str) -> StatusMessage:
         """The latest status of the caller's own job, or `NotFound`."""
         ...
 

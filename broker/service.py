@@ -1,13 +1,19 @@
 """The broker's job service: admit → enqueue → dispatch → relay → finish.
 
-`submit` runs the admission policies, records the job as RECEIVED (the POST reply) and starts
-one asyncio task per job. The task routes the job to a site, streams the site's updates back to
-the client's websocket (statuses, one LOG per printed line, result chunks into the result
-store) and finishes with exactly one COMPLETED or ERROR on every path: site errors, broken
-streams, broker shutdown and bugs in the broker itself (the `finally` in `_run`). A heartbeat
-task re-sends the job's current status while it waits or runs. COMPLETED goes inline as a
-binary frame when the result is small and a socket is listening, else as an absolute result
-URL; the status kept for `GET /response/{id}` is always the URL form.
+`submit` runs the admission policies, writes the job to the job store (`broker.jobstore`)
+and only then answers RECEIVED (the POST reply), and starts one asyncio task per job. Every
+lifecycle change is written before the client hears of it; a restarted broker (or a replica,
+once this one's lease lapses) adopts the unfinished jobs and finishes them (`_resume`), and
+writes are fenced by instance, so a job is never finished twice. The task waits in the
+fair-share scheduler (`broker.fairshare`: per-model queues ordered by decayed recent usage,
+the client told its position) for a site with room, routes the job there, streams the
+site's updates back to the client's websocket (statuses, one LOG per printed line, result
+chunks into the result store) and finishes with exactly one COMPLETED or ERROR on every
+path: site errors, broken streams, broker shutdown and bugs in the broker itself (the
+`finally` in `_run`). A heartbeat task re-sends the job's current status while it waits or
+runs. COMPLETED goes inline as a binary frame when the result is small and a socket is
+listening, else as an absolute result URL; the status kept for `GET /response/{id}` is
+always the URL form.
 
 Logs name jobs, sites and the owner's pseudonym, never the owner's `sub` or any token.
 """
@@ -25,20 +31,24 @@ from broker import admission
 from broker.audit.hooks import JobAuditor
 from broker.catalog import SiteCatalog
 from broker.config import BrokerSettings
+from broker.fairshare import FairShareScheduler, Grant, Position, follow_positions
 from broker.jobs import Job, JobState, Submission, new_job_id
+from broker.jobstore import DurableJobs, memory_jobs
 from broker.modelkey import ModelKey, parse_model_key
 from broker.ports import Identity
 from broker.quotas import caps
 from broker.quotas.service import Admission, QuotaService
 from broker.result_safety import UnsafeResult, check_result_file
-from broker.results import ResultFile, ResultRef, ResultStore, ResultWriter
+from broker.results import ResultFile, ResultRef, ResultStore
+from broker.results.pipeline import BackgroundWriter
 from broker.routing import Route, choose_site
 from broker.service_info import env_document, status_document
 from broker.sessions import FrameSink, Session, SessionRegistry
 from broker.sites import SiteClient
+from broker.telemetry.observer import JobObserver
 from broker.wire import StatusMessage, WireStatus, binary_frame
 from edif.clock import Clock, SystemClock
-from edif.errors import EdifError, NotFound, SiteUnavailable
+from edif.errors import EdifError, NotFound, SiteUnavailable, Unavailable
 from proto import site_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -71,7 +81,11 @@ class BrokerService:
         clock: Clock | None = None,
         quotas: QuotaService | None = None,  # None: no fair-use quotas (tests, trusted set-ups)
         audit: JobAuditor | None = None,  # None: nothing audited (tests of other parts)
+        jobs: DurableJobs | None = None,  # None: records live as long as this process
+        fairshare: FairShareScheduler | None = None,  # None: straight to a site (its FIFO)
+        observer: JobObserver | None = None,  # None: no telemetry (broker.telemetry)
     ) -> None:
+        self._observer = observer or JobObserver()
         self._settings = settings
         self._audit = audit or JobAuditor()
         self._quotas = quotas
@@ -81,6 +95,8 @@ class BrokerService:
         self._results = results
         self._pseudonymize = pseudonymize
         self._clock = clock or SystemClock()
+        self._fairshare = fairshare
+        self._store = jobs or memory_jobs(self._clock)
         self._jobs: dict[str, Job] = {}
         self._sessions = SessionRegistry()
         self._job_tasks: set[asyncio.Task[None]] = set()
@@ -91,9 +107,14 @@ class BrokerService:
     async def start(self) -> None:
         """Learn what the sites host (waiting for them a while), then keep it fresh."""
         await self._catalog.wait_ready()
+        await self._store.heartbeat()
+        # This instance's previous life (a crash, a kill -9) left these unfinished: finish them.
+        for job in await self._store.claim_orphans(include_own=True):
+            self._resume(job)
         self._background = [
             asyncio.create_task(self._catalog.run(), name="catalog-refresh"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._lease(), name="job-lease"),
         ]
 
     async def close(self) -> None:
@@ -103,6 +124,7 @@ class BrokerService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._sites.close()
+        await self._store.close()
 
     async def drain(self) -> None:
         """Wait until every job task has finished (tests, graceful stop)."""
@@ -129,6 +151,7 @@ class BrokerService:
             return await self._submit(identity, envelope, payload, headers, base_url)
         except EdifError as refusal:
             self._audit.refused(identity, len(payload), refusal)
+            self._observer.refused(refusal)
             raise
 
     async def _submit(
@@ -156,8 +179,10 @@ class BrokerService:
         job.entered_at[JobState.RECEIVED] = self._clock.monotonic()
         received = self._status(job, WireStatus.RECEIVED, TEXT[JobState.RECEIVED])
         job.record(received)
+        await self._record_new(job)
         self._jobs[job.id] = job
         self._audit.submitted(job, identity.role)
+        self._observer.received(job)
         log.info(
             "job %s received from %s: %s, %d bytes",
             job.id,
@@ -196,10 +221,10 @@ class BrokerService:
             payload=payload,
         )
 
-    def status_of(self, identity: Identity, job_id: str) -> StatusMessage:
-        job = self._jobs.get(job_id)
+    async def status_of(self, identity: Identity, job_id: str) -> StatusMessage:
+        job = self._jobs.get(job_id) or await self._stored(job_id)
         # The same answer for "no such job" and "someone else's job": ids are not disclosed.
-        if job is None or not _same(job.owner_sub, identity.sub) or job.latest is None:
+        if job is None or not self._owns(job, identity) or job.latest is None:
             raise NotFound("No job with this id belongs to you (or it is no longer kept).")
         return job.latest
 
@@ -219,15 +244,24 @@ class BrokerService:
 
     # -- one job -----------------------------------------------------------------------------
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, resumed: bool = False) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(job), name=f"heartbeat-{job.id}")
+        superseded = False
         try:
-            await self._advance(job, JobState.QUEUED, TEXT[JobState.QUEUED])
+            if resumed:
+                await self._requeue_recovered(job)
+            else:
+                await self._advance(job, JobState.QUEUED, TEXT[JobState.QUEUED])
             await self._dispatch(job)
+        except _Superseded:
+            superseded = True
+            self._jobs.pop(job.id, None)
+            log.warning("job %s: taken over by another broker instance; stopped here", job.id)
         except asyncio.CancelledError:
             await self._on_shutdown(job)
             raise
         except EdifError as error:
+            self._observer.failed(job, error)
             await self._fail(job, error.message)
         except Exception:
             log.exception("job %s: broker error", job.id)
@@ -235,12 +269,15 @@ class BrokerService:
         finally:
             heartbeat.cancel()
             job.payload = b""  # finished jobs are kept for polling; their payload need not be
-            if not job.state.terminal:  # a path above that forgot to finish: never leave it open
+            if not job.state.terminal and not superseded:  # never leave a job open
                 await self._fail(job, f"Job {job.id} ended without a result.")
             self._settle_quota(job)
+            self._observer.ended(job)
 
     async def _dispatch(self, job: Job) -> None:
         """Run the job on the best site; on a site failure, on the next best while allowed."""
+        if self._fairshare is not None:
+            return await self._dispatch_fairly(job, self._fairshare)
         sub = job.submission
         route = self._route(sub.model_key, sub.client_version or None, (), job.owner_groups)
         while True:
@@ -253,6 +290,67 @@ class BrokerService:
                 await self._advance(
                     job, JobState.QUEUED, f"{failure.message} Your job is queued for another site."
                 )
+
+    async def _dispatch_fairly(self, job: Job, fairshare: FairShareScheduler) -> None:
+        """`_dispatch` through the fair-share scheduler: each attempt waits (QUEUED, with its
+        position) until the scheduler grants it a site with room; the attempt's GPU-seconds
+        are charged to the owner when it ends, and a failed-over job queues again."""
+        failure: SiteUnavailable | None = None
+        while True:
+            try:
+                grant = await self._granted(job, fairshare)
+            except EdifError:
+                if failure is not None:  # no other site to fail over to: the site's error
+                    raise failure from None
+                raise
+            started = self._clock.monotonic()
+            try:
+                await self._execute_on(job, grant.route)
+                return
+            except SiteUnavailable as error:
+                failure = error
+                self._catalog.mark_unreachable(grant.route.site.name)
+                if len(job.attempts) >= self._settings.dispatch_attempts:
+                    raise
+                await self._advance(
+                    job, JobState.QUEUED, f"{error.message} Your job is queued for another site."
+                )
+            finally:
+                grant.release(self._attempt_gpu_s(job, started))
+
+    async def _granted(self, job: Job, fairshare: FairShareScheduler) -> Grant:
+        """Wait in the model's queue; the client hears its position as it changes."""
+        sub = job.submission
+        queue = sub.model_key.describe()
+        version = sub.client_version or None
+        ticket = fairshare.enqueue(
+            job.id,
+            job.owner_pseudonym,
+            queue,
+            lambda full: self._route(
+                sub.model_key, version, (*job.attempts, *full), job.owner_groups
+            ),
+            affinity=(queue, version, job.owner_groups, tuple(job.attempts)),
+        )
+
+        async def publish(position: Position) -> None:
+            await self._publish(job, self._status(job, WireStatus.QUEUED, position.text()))
+
+        interval = self._settings.fair_share_position_interval_s
+        reporter = asyncio.create_task(follow_positions(ticket, publish, interval))
+        try:
+            return await ticket.granted()
+        finally:
+            reporter.cancel()
+
+    def _attempt_gpu_s(self, job: Job, started: float) -> float:
+        """What an attempt used: the site's measurement, else the time it ran (failures)."""
+        if job.state is JobState.COMPLETED and "execution_s" in job.meta:
+            return float(job.meta["execution_s"])
+        running = job.entered_at.get(JobState.RUNNING)
+        if running is None or running < started:  # never ran in this attempt
+            return 0.0
+        return max(0.0, self._clock.monotonic() - running)
 
     def _reroute(self, job: Job, failure: SiteUnavailable) -> Route:
         """The next site to try after `failure`, or `failure` itself when there is none."""
@@ -295,9 +393,11 @@ class BrokerService:
         elif kind == "log":
             await self._on_log(job, update.log.text)
         elif kind == "chunk":
-            result.write(update.chunk.data)
+            await result.write(update.chunk.data)
         elif kind == "done":
-            await self._complete(job, result.commit(update.done), update.done)
+            # fsync (disk) or completing a multipart upload (S3): not on the event loop
+            ref = await result.commit(update.done)
+            await self._complete(job, ref, update.done)
             return True
         elif kind == "error":
             raise _site_error(site, update.error)
@@ -345,17 +445,21 @@ class BrokerService:
             frame = await asyncio.to_thread(binary_frame, inline, data)
         job.advance(JobState.COMPLETED, self._clock.monotonic())
         job.record(message)
+        await self._persist(job)  # before the client hears of it: a restart must not rerun it
         self._audit.ended(job)
         log.info("job %s completed on %s: %d bytes", job.id, job.site, ref.size)
+        self._observer.delivering(job, inline=isinstance(frame, bytes))
         await self._send(job, frame, final=True)
 
     async def _check_safe(self, job: Job, ref: ResultRef) -> None:
         """Refuse a result that is not plain data before any client can load it (inline or URL)."""
-        stored = self._results.open(ref.job_id, ref.token)
+
+        def check() -> None:
+            with self._results.local_file(ref) as path:  # object storage: a temporary copy
+                check_result_file(path, job.submission.compress, job.site or "?")
+
         try:
-            await asyncio.to_thread(
-                check_result_file, stored.path, job.submission.compress, job.site or "?"
-            )
+            await asyncio.to_thread(check)
         except UnsafeResult:
             log.warning("job %s: unsafe result from site %s refused", job.id, job.site)
             self._results.discard(ref.job_id)
@@ -368,6 +472,10 @@ class BrokerService:
         message = self._status(job, WireStatus.ERROR, description or "Your job failed.")
         job.advance(JobState.ERROR, self._clock.monotonic())
         job.record(message)
+        try:
+            await self._persist(job)
+        except _Superseded:
+            return  # another broker instance finishes it
         self._audit.ended(job)
         log.info("job %s failed (site %s)", job.id, job.site or "-")
         await self._send(job, message.to_json(), final=True)
@@ -384,11 +492,87 @@ class BrokerService:
         except TimeoutError:
             log.warning("job %s: client not told of the shutdown in time", job.id)
 
+    # -- durability --------------------------------------------------------------------------
+
+    async def _record_new(self, job: Job) -> None:
+        """Write the job down before the client is told it exists; refuse it if we cannot."""
+        try:
+            await self._store.create(job)
+        except Exception:
+            log.exception("job %s: could not be recorded", job.id)
+            admitted = self._admissions.pop(job.id, None)
+            if admitted is not None and self._quotas is not None:
+                self._quotas.release(admitted)
+            raise Unavailable(
+                "The broker could not record your job (its job store is unavailable), so "
+                "nothing was run. Please submit it again in a minute."
+            ) from None
+
+    async def _persist(self, job: Job) -> None:
+        """Record the job's new state, or raise `_Superseded` if another instance owns it."""
+        try:
+            mine = await self._store.save(job)
+        except Exception:  # the job goes on; a crash now would rerun it from its last record
+            log.exception("job %s: could not record its %s state", job.id, job.state)
+            return
+        if not mine:
+            raise _Superseded(job.id)
+
+    async def _stored(self, job_id: str) -> Job | None:
+        if len(job_id) > 64:  # not one of ours; spare the store
+            return None
+        try:
+            return await self._store.load(job_id)
+        except Exception:
+            log.exception("job store lookup failed")
+            raise Unavailable(
+                "The broker cannot read its job store right now; try again."
+            ) from None
+
+    def _owns(self, job: Job, identity: Identity) -> bool:
+        """The caller submitted `job` (a recovered, finished job knows only the pseudonym)."""
+        same_pseudonym = _same(job.owner_pseudonym, self._pseudonymize(identity.sub))
+        return same_pseudonym and (not job.owner_sub or _same(job.owner_sub, identity.sub))
+
+    def _resume(self, job: Job) -> None:
+        """Finish a job a broker instance that is gone had accepted."""
+        log.info("job %s recovered in state %s (site %s)", job.id, job.state, job.site or "-")
+        self._jobs[job.id] = job
+        self._spawn(self._run(job, resumed=True), f"job-{job.id}")
+
+    async def _requeue_recovered(self, job: Job) -> None:
+        """Stop what the old instance started at its site, then queue the job again there or
+        elsewhere. Cancelling first matters: the next attempt reuses the job id."""
+        if job.site is not None and job.state in (JobState.DISPATCHED, JobState.RUNNING):
+            try:
+                await asyncio.wait_for(self._sites.cancel(job.site, job.id), SHUTDOWN_NOTICE_S)
+            except (EdifError, TimeoutError):
+                log.warning("job %s: could not cancel the earlier run at %s", job.id, job.site)
+        job.attempts.clear()
+        if job.state is not JobState.QUEUED:
+            text = f"The broker restarted; your job {job.id} is queued again (nothing is lost)."
+            await self._advance(job, JobState.QUEUED, text)
+
+    async def _lease(self) -> None:
+        """Keep this instance's lease, and adopt the unfinished jobs of instances that died."""
+        while True:
+            await asyncio.sleep(self._store.lease_s / 3)
+            try:
+                await self._store.heartbeat()
+                for job in await self._store.claim_orphans(include_own=False):
+                    self._resume(job)
+            except Exception:
+                log.exception("job store lease renewal failed")
+
     # -- statuses and frames -----------------------------------------------------------------
 
     async def _advance(self, job: Job, to: JobState, text: str) -> None:
         job.advance(to, self._clock.monotonic())
-        await self._publish(job, self._status(job, WireStatus(to.value), text))
+        self._observer.advanced(job, to)
+        message = self._status(job, WireStatus(to.value), text)
+        job.record(message)
+        await self._persist(job)
+        await self._send(job, message.to_json())
 
     async def _publish(self, job: Job, message: StatusMessage) -> None:
         job.record(message)
@@ -489,44 +673,47 @@ class BrokerService:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(min(HOUSEKEEPING_S, self._settings.result_ttl_s))
-            self.sweep()
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("housekeeping failed")
 
-    def sweep(self) -> None:
-        """Drop expired results and finished jobs past their retention."""
+    async def sweep(self) -> None:
+        """Drop expired results and finished jobs past their retention (memory and store)."""
         self._results.sweep()
         horizon = self._clock.now() - self._settings.job_retention_s
         old = [j.id for j in self._jobs.values() if j.state.terminal and j.created_at < horizon]
         for job_id in old:
             del self._jobs[job_id]
+        await self._store.purge(horizon)
+
+
+class _Superseded(Exception):
+    """Another broker instance took this job over (this one was presumed dead)."""
 
 
 class _PendingResult:
-    """The result of one attempt: a store writer opened on the first chunk."""
+    """The result of one attempt: a store writer opened on the first chunk, written on its own
+    thread while the next chunks arrive (`broker.results.pipeline`)."""
 
     def __init__(self, store: ResultStore, job_id: str, limit: int | None = None) -> None:
-        self._store = store
-        self._job_id = job_id
-        self._writer: ResultWriter | None = None
+        self._writer = BackgroundWriter(lambda: store.begin(job_id))
         self._limit = limit  # the owner's result-size quota; None: only the store's own cap
         self._received = 0
 
-    def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes) -> None:
         self._received += len(chunk)
         if self._limit is not None:
             caps.check_result(self._received, self._limit)
-        self._writer = self._writer or self._store.begin(self._job_id)
-        self._writer.write(chunk)
+        await self._writer.write(chunk)
 
-    def commit(self, done: pb.ResultEnd) -> ResultRef:
+    async def commit(self, done: pb.ResultEnd) -> ResultRef:
         if self._limit is not None:
             caps.check_result(max(done.total_bytes, self._received), self._limit)
-        writer, self._writer = self._writer or self._store.begin(self._job_id), None
-        return writer.commit(done.total_bytes, done.sha256 or None)
+        return await self._writer.commit(done.total_bytes, done.sha256 or None)
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
+        self._writer.abort()
 
 
 def _site_error(site: str, error: pb.JobError) -> EdifError:
@@ -535,6 +722,8 @@ def _site_error(site: str, error: pb.JobError) -> EdifError:
         return SiteUnavailable(
             error.description or f"Site {site} lost the worker running your job."
         )
+    if error.kind == pb.SITE_DRAINING:  # the site is leaving: a site failure, re-dispatched
+        return SiteUnavailable(error.description or f"Site {site} is leaving and handed it back.")
     if error.kind == pb.REFUSED and error.description:
         # Sites differ in their code policies: say whose policy refused the code.
         return SiteJobError(f"Site {site} refused your job before running it: {error.description}")

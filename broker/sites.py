@@ -3,9 +3,10 @@
 `SiteClient` is what the service and the catalog depend on; `GrpcSiteClient` is the real one:
 one grpc.aio channel per site address (created lazily, inside the running event loop, which
 grpc.aio channels are bound to), message limits raised so payloads and result chunks fit, and
-`authorization: Bearer <token>` metadata from `SiteCredentials` on every call. Any RPC failure
-becomes `SiteUnavailable`, which the service treats as "this site failed" (retryable elsewhere)
-rather than as the user's error.
+`authorization: Bearer <token>` metadata from `SiteCredentials` on every call. A site that
+joined with TLS gets a TLS channel verified as `broker.site_tls.SiteTlsPins` says (re-made when
+that changes). Any RPC failure becomes `SiteUnavailable`, which the service treats as "this
+site failed" (retryable elsewhere) rather than as the user's error; TLS mismatches say so.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
 from broker.ports import SiteCredentials
+from broker.site_tls import ChannelSecurity, SiteTlsPins
+from broker.telemetry.observer import JobObserver
 from edif.errors import SiteUnavailable
 from proto import site_agent_pb2 as pb
 from proto import site_agent_pb2_grpc as pb_grpc
@@ -48,8 +51,13 @@ class GrpcSiteClient:
         credentials: SiteCredentials,
         describe_timeout_s: float = 5.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: SiteTlsPins | None = None,
+        observer: JobObserver | None = None,  # telemetry: trace context out, result timing
     ) -> None:
         self._addresses = dict(addresses)
+        self._observer = observer or JobObserver()
+        self._tls = tls  # which sites serve TLS, and whose trust to verify them with
+        self._security: dict[str, ChannelSecurity | None] = {}  # what each channel was made with
         self._credentials = credentials
         self._describe_timeout_s = describe_timeout_s
         self._options = [
@@ -67,20 +75,24 @@ class GrpcSiteClient:
             )
         except grpc.aio.AioRpcError as error:
             # The catalog polls Describe and logs reachability changes itself.
-            raise _unavailable(site, error, level=logging.DEBUG) from error
+            raise self._unavailable(site, error, level=logging.DEBUG) from error
 
     async def execute(
         self, site: str, request: pb.ExecuteRequest
     ) -> AsyncGenerator[pb.ExecuteUpdate, None]:
-        call = self._stub(site).Execute(request, metadata=self._metadata(site))
+        # The job's trace continues at the site: W3C traceparent beside the credential.
+        watch = self._observer.site_call(request.job_id, site)
+        call = self._stub(site).Execute(request, metadata=self._metadata(site) + watch.headers())
         try:
             async for update in call:
+                watch.update(update)
                 yield update
         except grpc.aio.AioRpcError as error:
-            raise _unavailable(site, error) from error
+            raise self._unavailable(site, error) from error
         finally:
             # The consumer stopped early (broker shutdown, failure): end the call at the site too.
             call.cancel()
+            watch.close()
 
     async def cancel(self, site: str, job_id: str) -> bool:
         try:
@@ -90,7 +102,7 @@ class GrpcSiteClient:
                 timeout=self._describe_timeout_s,
             )
         except grpc.aio.AioRpcError as error:
-            raise _unavailable(site, error) from error
+            raise self._unavailable(site, error) from error
         return reply.found
 
     def update_addresses(self, addresses: Mapping[str, str]) -> None:
@@ -111,23 +123,73 @@ class GrpcSiteClient:
         address = self._addresses.get(site)
         if address is None:
             raise SiteUnavailable(f"Site {site!r} is not configured on this broker.")
+        security = self._tls.channel_security(site) if self._tls is not None else None
         channel = self._channels.get(site)
+        if channel is not None and self._security.get(site) != security:  # re-joined: new trust
+            del self._channels[site]
+            asyncio.get_running_loop().create_task(channel.close(grace=5.0))
+            channel = None
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = _open_channel(address, security, self._options)
             self._channels[site] = channel
+            self._security[site] = security
         return pb_grpc.SiteAgentStub(channel)
+
+    def _unavailable(
+        self, site: str, error: grpc.aio.AioRpcError, level: int = logging.WARNING
+    ) -> SiteUnavailable:
+        return _unavailable(site, error, level, self._security.get(site))
 
     def _metadata(self, site: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self._credentials.token_for(site)}"),)
 
 
+def _open_channel(
+    address: str, security: ChannelSecurity | None, options: list[tuple[str, int]]
+) -> grpc.aio.Channel:
+    if security is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        security.root_pem, security.client_key, security.client_cert
+    )
+    extra: list[tuple[str, Any]] = []
+    if security.server_name:  # the certificate names a host, the site advertises an address
+        extra.append(("grpc.ssl_target_name_override", security.server_name))
+    return grpc.aio.secure_channel(address, credentials, options=[*options, *extra])
+
+
 def _unavailable(
-    site: str, error: grpc.aio.AioRpcError, level: int = logging.WARNING
+    site: str,
+    error: grpc.aio.AioRpcError,
+    level: int = logging.WARNING,
+    security: ChannelSecurity | None = None,
 ) -> SiteUnavailable:
     code = error.code()
+    details = error.details() or ""
     if code == grpc.StatusCode.UNAUTHENTICATED:
         # An operator problem (keys, audience), not the user's; the details stay in the log.
-        log.error("site %s refused the broker credential: %s", site, error.details())
+        log.error("site %s refused the broker credential: %s", site, details)
         return SiteUnavailable(f"Site {site} refused the broker's credentials.")
-    log.log(level, "site %s call failed: %s %s", site, code.name, error.details())
+    if tls_problem := _tls_problem(site, details, security):
+        log.log(max(level, logging.INFO), "%s (%s)", tls_problem, details)
+        return SiteUnavailable(tls_problem)
+    log.log(level, "site %s call failed: %s %s", site, code.name, details)
     return SiteUnavailable(f"Site {site} is unavailable ({code.name}).")
+
+
+def _tls_problem(site: str, details: str, security: ChannelSecurity | None) -> str | None:
+    """An operator-facing sentence for a TLS mismatch, recognised in gRPC's error details."""
+    if "failed to connect" not in details:  # only connection set-up, not a site dying mid-call
+        return None
+    if security is None:
+        if "Socket closed" in details:  # a TLS server drops a plaintext HTTP/2 preface
+            return (
+                f"Site {site} closed the plaintext connection: if it serves TLS, the broker has "
+                "no TLS settings for it (the site must join again with `tls:` in its config)."
+            )
+        return None
+    if "CERTIFICATE_VERIFY_FAILED" in details or "Hostname Verification" in details:
+        return f"Site {site}'s TLS certificate did not verify against {security.source}."
+    if "handshake" in details.lower() or "Socket closed" in details:
+        return f"The TLS handshake with site {site} failed (does it require a client certificate?)."
+    return None

@@ -13,6 +13,7 @@ Flow of `edif token issue`: parse and check the options, open `KeyStore.default(
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -229,13 +230,28 @@ def agent() -> None:
 @click.option("--listen", default=None, help="gRPC listen address, e.g. 127.0.0.1:50051.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: start one).")
 @click.option("--broker-jwks", default=None, help="The trusted broker's JWKS: file or URL.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve Prometheus /metrics on this port (default: EDIF_AGENT_METRICS_PORT, else off).",
+)
 def agent_run(
-    site_file: Path, listen: str | None, ray_address: str | None, broker_jwks: str | None
+    site_file: Path,
+    listen: str | None,
+    ray_address: str | None,
+    broker_jwks: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Serve the site's models to the broker until SIGINT/SIGTERM."""
     from site_agent.main import AgentSettings, run
 
-    overrides = {"listen": listen, "ray_address": ray_address, "broker_jwks": broker_jwks}
+    overrides = {
+        "listen": listen,
+        "ray_address": ray_address,
+        "broker_jwks": broker_jwks,
+        "metrics_port": metrics_port,
+    }
     settings = AgentSettings(**{k: v for k, v in overrides.items() if v is not None})
     with edif_errors():
         run(site_file, settings)
@@ -249,31 +265,48 @@ _SITE_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option(
     "--token",
     "join_token",
-    required=True,
+    default=None,
     envvar="EDIF_JOIN_TOKEN",
-    help="Join token (edif token issue --role site --site NAME --ttl 15m); or EDIF_JOIN_TOKEN.",
+    help="Join token (edif token issue --role site --site NAME --ttl 15m); or EDIF_JOIN_TOKEN. "
+    "Not needed while the site credential stored by an earlier join is valid.",
 )
 @click.option("--site", "site_file", required=True, type=_SITE_FILE, help="The site's YAML.")
 @click.option("--advertise", default=None, help="host:port the broker calls (default: --listen).")
 @click.option("--listen", default=None, help="gRPC listen address, e.g. 0.0.0.0:50051.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: start one).")
 @click.option("--drain-timeout", type=float, default=60.0, show_default=True, help="Seconds.")
+@click.option(
+    "--walltime",
+    default=None,
+    help="Allocation length (Slurm time: MM, HH:MM:SS, D-HH:MM:SS): drain and leave before it "
+    "ends. Default under Slurm: the job's end time.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the site credential is kept (default $EDIF_HOME/agent/<site>).",
+)
 def agent_join(
     broker_url: str,
-    join_token: str,
+    join_token: str | None,
     site_file: Path,
     advertise: str | None,
     listen: str | None,
     ray_address: str | None,
     drain_timeout: float,
+    walltime: str | None,
+    state_dir: Path | None,
 ) -> None:
     """Join a broker: place the models, register, serve until SIGTERM (then drain, leave)."""
     from site_agent.join import JoinOptions, run_join
     from site_agent.main import AgentSettings
 
-    overrides = {"listen": listen, "ray_address": ray_address}
+    overrides = {"listen": listen, "ray_address": ray_address, "state_dir": state_dir}
     settings = AgentSettings(**{k: v for k, v in overrides.items() if v is not None})
-    options = JoinOptions(broker_url, join_token.strip(), advertise, drain_timeout)
+    token = (join_token or "").strip() or None
+    env = dict(os.environ)  # Slurm's variables: the allocation's end time
+    options = JoinOptions(broker_url, token, advertise, drain_timeout, walltime, env)
     with edif_errors():
         run_join(site_file, options, settings)
 
@@ -585,3 +618,8 @@ def audit_rotate_key() -> None:
     with edif_errors():
         keys = settings.keys_dir or KeyStore.default().directory
         click.echo(AuditKeyring(keys).rotate())
+
+
+from edif.cli_keys import key as _key_commands  # noqa: E402 - it imports this module's helpers
+
+main.add_command(_key_commands)

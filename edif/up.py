@@ -80,6 +80,10 @@ class DemoMesh:
         self.keys: KeyStore | None = None
         self.died_at: dict[str, float] = {}
         self.state: MeshState | None = None
+        # The broker's own settings as given, taken before the Ray start scrubs this process's
+        # environment of secret-looking names (which also matches EDIF_BROKER_SITE_TOKEN_TTL_S
+        # and the like): the broker runs no Ray workers, and it needs its settings.
+        self.broker_env = {k: v for k, v in os.environ.items() if k.startswith("EDIF_BROKER_")}
 
     def start(self) -> MeshState:
         from edif.demo.models import ensure_all
@@ -169,7 +173,7 @@ class DemoMesh:
         tmp.replace(self.run_dir / "sites.yaml")
 
     def _start_broker(self, port: int) -> None:
-        env = self._env()
+        env = {**self._env(), **self.broker_env}
         env.pop("EDIF_CONSUL_ADDR", None)  # the demo's catalog is the broker's embedded one
         env.update(
             {

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/site_agent.proto\x12\x07\x65\x64if.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xb0\x01\n\x0fModelDeployment\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x0f\n\x07repo_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x19\n\x11trust_remote_code\x18\x05 \x01(\x08\x12\r\n\x05state\x18\x06 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x1a\n\x12recent_execution_s\x18\x08 \x01(\x01\"T\n\x08Hardware\x12\x0e\n\x06vendor\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\"\xdd\x02\n\x0fSiteDescription\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0binstitution\x18\x02 \x01(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.edif.v1.ModelDeployment\x12\x38\n\x08versions\x18\x04 \x03(\x0b\x32&.edif.v1.SiteDescription.VersionsEntry\x12#\n\x08hardware\x18\x05 \x01(\x0b\x32\x11.edif.v1.Hardware\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x16\n\x0e\x61llowed_groups\x18\x07 \x03(\t\x12\x1b\n\x13max_concurrent_jobs\x18\x08 \x01(\r\x12&\n\x06policy\x18\t \x01(\x0b\x32\x16.edif.v1.SandboxPolicy\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\rSandboxPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x15\n\rdescribe_json\x18\x03 \x01(\t\"~\n\x0e\x45xecuteRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x10\n\x08\x63ompress\x18\x04 \x01(\x08\x12\x10\n\x08\x65nv_json\x18\x05 \x01(\t\x12\x14\n\x0ctime_limit_s\x18\x06 \x01(\x01\"T\n\x0cStatusUpdate\x12\x1d\n\x05phase\x18\x01 \x01(\x0e\x32\x0e.edif.v1.Phase\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\r\"\x17\n\x07LogLine\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1b\n\x0bResultChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"`\n\tResultEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0b\x65xecution_s\x18\x03 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x04 \x01(\x04\"A\n\x08JobError\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.edif.v1.ErrorKind\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xd2\x01\n\rExecuteUpdate\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x15.edif.v1.StatusUpdateH\x00\x12\x1f\n\x03log\x18\x02 \x01(\x0b\x32\x10.edif.v1.LogLineH\x00\x12%\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x14.edif.v1.ResultChunkH\x00\x12\"\n\x04\x64one\x18\x04 \x01(\x0b\x32\x12.edif.v1.ResultEndH\x00\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x11.edif.v1.JobErrorH\x00\x42\x08\n\x06update\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*7\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02*y\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\x12\x0b\n\x07TIMEOUT\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\x0f\n\x0bWORKER_LOST\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06\x32\xc1\x01\n\tSiteAgent\x12>\n\x08\x44\x65scribe\x12\x18.edif.v1.DescribeRequest\x1a\x18.edif.v1.SiteDescription\x12<\n\x07\x45xecute\x12\x17.edif.v1.ExecuteRequest\x1a\x16.edif.v1.ExecuteUpdate0\x01\x12\x36\n\x06\x43\x61ncel\x12\x16.edif.v1.CancelRequest\x1a\x14.edif.v1.CancelReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/site_agent.proto\x12\x07\x65\x64if.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xb0\x01\n\x0fModelDeployment\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x0f\n\x07repo_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x19\n\x11trust_remote_code\x18\x05 \x01(\x08\x12\r\n\x05state\x18\x06 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x1a\n\x12recent_execution_s\x18\x08 \x01(\x01\"T\n\x08Hardware\x12\x0e\n\x06vendor\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\"\xef\x02\n\x0fSiteDescription\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0binstitution\x18\x02 \x01(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.edif.v1.ModelDeployment\x12\x38\n\x08versions\x18\x04 \x03(\x0b\x32&.edif.v1.SiteDescription.VersionsEntry\x12#\n\x08hardware\x18\x05 \x01(\x0b\x32\x11.edif.v1.Hardware\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x16\n\x0e\x61llowed_groups\x18\x07 \x03(\t\x12\x1b\n\x13max_concurrent_jobs\x18\x08 \x01(\r\x12&\n\x06policy\x18\t \x01(\x0b\x32\x16.edif.v1.SandboxPolicy\x12\x10\n\x08\x64raining\x18\n \x01(\x08\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\rSandboxPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x15\n\rdescribe_json\x18\x03 \x01(\t\"~\n\x0e\x45xecuteRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x10\n\x08\x63ompress\x18\x04 \x01(\x08\x12\x10\n\x08\x65nv_json\x18\x05 \x01(\t\x12\x14\n\x0ctime_limit_s\x18\x06 \x01(\x01\"T\n\x0cStatusUpdate\x12\x1d\n\x05phase\x18\x01 \x01(\x0e\x32\x0e.edif.v1.Phase\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\r\"\x17\n\x07LogLine\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1b\n\x0bResultChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x89\x01\n\tResultEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0b\x65xecution_s\x18\x03 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x04 \x01(\x04\x12\x15\n\rdeserialize_s\x18\x05 \x01(\x01\x12\x10\n\x08\x65ncode_s\x18\x06 \x01(\x01\"A\n\x08JobError\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.edif.v1.ErrorKind\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xd2\x01\n\rExecuteUpdate\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x15.edif.v1.StatusUpdateH\x00\x12\x1f\n\x03log\x18\x02 \x01(\x0b\x32\x10.edif.v1.LogLineH\x00\x12%\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x14.edif.v1.ResultChunkH\x00\x12\"\n\x04\x64one\x18\x04 \x01(\x0b\x32\x12.edif.v1.ResultEndH\x00\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x11.edif.v1.JobErrorH\x00\x42\x08\n\x06update\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*7\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02*\x8c\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\x12\x0b\n\x07TIMEOUT\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\x0f\n\x0bWORKER_LOST\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06\x12\x11\n\rSITE_DRAINING\x10\x07\x32\xc1\x01\n\tSiteAgent\x12>\n\x08\x44\x65scribe\x12\x18.edif.v1.DescribeRequest\x1a\x18.edif.v1.SiteDescription\x12<\n\x07\x45xecute\x12\x17.edif.v1.ExecuteRequest\x1a\x16.edif.v1.ExecuteUpdate0\x01\x12\x36\n\x06\x43\x61ncel\x12\x16.edif.v1.CancelRequest\x1a\x14.edif.v1.CancelReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SITEDESCRIPTION_VERSIONSENTRY']._loaded_options = None
   _globals['_SITEDESCRIPTION_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_PHASE']._serialized_start=1451
-  _globals['_PHASE']._serialized_end=1506
-  _globals['_ERRORKIND']._serialized_start=1508
-  _globals['_ERRORKIND']._serialized_end=1629
+  _globals['_PHASE']._serialized_start=1511
+  _globals['_PHASE']._serialized_end=1566
+  _globals['_ERRORKIND']._serialized_start=1569
+  _globals['_ERRORKIND']._serialized_end=1709
   _globals['_DESCRIBEREQUEST']._serialized_start=35
   _globals['_DESCRIBEREQUEST']._serialized_end=52
   _globals['_MODELDEPLOYMENT']._serialized_start=55
@@ -44,29 +44,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HARDWARE']._serialized_start=233
   _globals['_HARDWARE']._serialized_end=317
   _globals['_SITEDESCRIPTION']._serialized_start=320
-  _globals['_SITEDESCRIPTION']._serialized_end=669
-  _globals['_SITEDESCRIPTION_VERSIONSENTRY']._serialized_start=622
-  _globals['_SITEDESCRIPTION_VERSIONSENTRY']._serialized_end=669
-  _globals['_SANDBOXPOLICY']._serialized_start=671
-  _globals['_SANDBOXPOLICY']._serialized_end=740
-  _globals['_EXECUTEREQUEST']._serialized_start=742
-  _globals['_EXECUTEREQUEST']._serialized_end=868
-  _globals['_STATUSUPDATE']._serialized_start=870
-  _globals['_STATUSUPDATE']._serialized_end=954
-  _globals['_LOGLINE']._serialized_start=956
-  _globals['_LOGLINE']._serialized_end=979
-  _globals['_RESULTCHUNK']._serialized_start=981
-  _globals['_RESULTCHUNK']._serialized_end=1008
-  _globals['_RESULTEND']._serialized_start=1010
-  _globals['_RESULTEND']._serialized_end=1106
-  _globals['_JOBERROR']._serialized_start=1108
-  _globals['_JOBERROR']._serialized_end=1173
-  _globals['_EXECUTEUPDATE']._serialized_start=1176
-  _globals['_EXECUTEUPDATE']._serialized_end=1386
-  _globals['_CANCELREQUEST']._serialized_start=1388
-  _globals['_CANCELREQUEST']._serialized_end=1419
-  _globals['_CANCELREPLY']._serialized_start=1421
-  _globals['_CANCELREPLY']._serialized_end=1449
-  _globals['_SITEAGENT']._serialized_start=1632
-  _globals['_SITEAGENT']._serialized_end=1825
+  _globals['_SITEDESCRIPTION']._serialized_end=687
+  _globals['_SITEDESCRIPTION_VERSIONSENTRY']._serialized_start=640
+  _globals['_SITEDESCRIPTION_VERSIONSENTRY']._serialized_end=687
+  _globals['_SANDBOXPOLICY']._serialized_start=689
+  _globals['_SANDBOXPOLICY']._serialized_end=758
+  _globals['_EXECUTEREQUEST']._serialized_start=760
+  _globals['_EXECUTEREQUEST']._serialized_end=886
+  _globals['_STATUSUPDATE']._serialized_start=888
+  _globals['_STATUSUPDATE']._serialized_end=972
+  _globals['_LOGLINE']._serialized_start=974
+  _globals['_LOGLINE']._serialized_end=997
+  _globals['_RESULTCHUNK']._serialized_start=999
+  _globals['_RESULTCHUNK']._serialized_end=1026
+  _globals['_RESULTEND']._serialized_start=1029
+  _globals['_RESULTEND']._serialized_end=1166
+  _globals['_JOBERROR']._serialized_start=1168
+  _globals['_JOBERROR']._serialized_end=1233
+  _globals['_EXECUTEUPDATE']._serialized_start=1236
+  _globals['_EXECUTEUPDATE']._serialized_end=1446
+  _globals['_CANCELREQUEST']._serialized_start=1448
+  _globals['_CANCELREQUEST']._serialized_end=1479
+  _globals['_CANCELREPLY']._serialized_start=1481
+  _globals['_CANCELREPLY']._serialized_end=1509
+  _globals['_SITEAGENT']._serialized_start=1712
+  _globals['_SITEAGENT']._serialized_end=1905
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,7 @@ class ErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CANCELLED: _ClassVar[ErrorKind]
     WORKER_LOST: _ClassVar[ErrorKind]
     INTERNAL: _ClassVar[ErrorKind]
+    SITE_DRAINING: _ClassVar[ErrorKind]
 PHASE_UNSPECIFIED: Phase
 QUEUED: Phase
 RUNNING: Phase
@@ -32,6 +33,7 @@ TIMEOUT: ErrorKind
 CANCELLED: ErrorKind
 WORKER_LOST: ErrorKind
 INTERNAL: ErrorKind
+SITE_DRAINING: ErrorKind
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -70,7 +72,7 @@ class Hardware(_message.Message):
     def __init__(self, vendor: _Optional[str] = ..., device_type: _Optional[str] = ..., count: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class SiteDescription(_message.Message):
-    __slots__ = ("site", "institution", "models", "versions", "hardware", "capacity", "allowed_groups", "max_concurrent_jobs", "policy")
+    __slots__ = ("site", "institution", "models", "versions", "hardware", "capacity", "allowed_groups", "max_concurrent_jobs", "policy", "draining")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,7 @@ class SiteDescription(_message.Message):
     ALLOWED_GROUPS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     site: str
     institution: str
     models: _containers.RepeatedCompositeFieldContainer[ModelDeployment]
@@ -96,7 +99,8 @@ class SiteDescription(_message.Message):
     allowed_groups: _containers.RepeatedScalarFieldContainer[str]
     max_concurrent_jobs: int
     policy: SandboxPolicy
-    def __init__(self, site: _Optional[str] = ..., institution: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelDeployment, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., capacity: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., max_concurrent_jobs: _Optional[int] = ..., policy: _Optional[_Union[SandboxPolicy, _Mapping]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, site: _Optional[str] = ..., institution: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelDeployment, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., capacity: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., max_concurrent_jobs: _Optional[int] = ..., policy: _Optional[_Union[SandboxPolicy, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class SandboxPolicy(_message.Message):
     __slots__ = ("name", "version", "describe_json")
@@ -147,16 +151,20 @@ class ResultChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class ResultEnd(_message.Message):
-    __slots__ = ("total_bytes", "sha256", "execution_s", "peak_memory_bytes")
+    __slots__ = ("total_bytes", "sha256", "execution_s", "peak_memory_bytes", "deserialize_s", "encode_s")
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_S_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DESERIALIZE_S_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_S_FIELD_NUMBER: _ClassVar[int]
     total_bytes: int
     sha256: str
     execution_s: float
     peak_memory_bytes: int
-    def __init__(self, total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., execution_s: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
+    deserialize_s: float
+    encode_s: float
+    def __init__(self, total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., execution_s: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., deserialize_s: _Optional[float] = ..., encode_s: _Optional[float] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("kind", "description")

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from edif.errors import ConfigError
+from site_agent.sandbox_policy import PolicyConfig
 
 MODEL_CLASS = "nnsight.modeling.transformers.TransformersModel"
 
@@ -33,13 +34,22 @@ class _Strict(BaseModel):
 
 
 class SandboxConfig(_Strict):
-    """The site sandbox's OS layer and isolation checks (see site_agent/containment.py)."""
+    """The site sandbox: OS layer, isolation checks, code policy (see site_agent/containment.py)."""
 
     # Without seccomp on this machine the agent refuses to serve unless this is false.
     require_seccomp: bool = True
+    # Without Landlock (per-job scratch directories, writes elsewhere refused) the agent
+    # refuses to serve unless this is false; job threads then stay read-only (scratch.py).
+    require_landlock: bool = True
+    # Where workers make their private scratch roots (default: the system temp directory);
+    # a local tmpfs (e.g. /dev/shm) makes each job's fresh directory cheapest.
+    scratch_dir: str | None = None
     # Fingerprint shared state after each job; a job that changed it is failed and the
     # worker replaced (site_agent/isolation.py).
     check_isolation: bool = True
+    # The site's code policy: name, version, and changes to the default allowlists
+    # (site_agent/sandbox_policy.py).
+    policy: PolicyConfig = PolicyConfig()
 
 
 class ModelConfig(_Strict):
@@ -102,7 +112,10 @@ class BrokerTrust(_Strict):
 class Limits(_Strict):
     execution_time_s: float = Field(default=300.0, gt=0)
     max_queue_per_model: int = Field(default=64, ge=1)
-    result_chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    # One Ray item and one gRPC message per chunk. Streaming 1 GiB from a Ray actor took
+    # 0.27-0.53 s in 8 MiB items, 0.56-0.83 s in 4 MiB and 1.3-2.5 s in 16 MiB ones
+    # (docs/benchmarks.md, section 2).
+    result_chunk_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
 
 
 class AccessPolicy(_Strict):
@@ -112,6 +125,44 @@ class AccessPolicy(_Strict):
     # empty means every authenticated researcher of the federation.
     allowed_groups: list[str] = Field(default_factory=list)
     max_concurrent_jobs: int = Field(default=0, ge=0, description="0: one per model worker")
+
+
+class TlsConfig(_Strict):
+    """TLS on the agent's gRPC server (see README, "TLS between broker and sites").
+
+    The agent serves `cert` (PEM chain) with `key`. At join it sends the broker `ca` (the PEM
+    that issued `cert`; default: `cert` itself, for a self-signed certificate), which the broker
+    pins for this site unless it has its own CA bundle (`EDIF_BROKER_SITE_CA_FILE`).
+    `client_ca`: require the broker to present a client certificate signed by it (mTLS).
+    `server_name`: the name the broker checks in the certificate when the advertised address
+    is not in it (e.g. an IP address).
+    """
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    client_ca: Path | None = None
+    server_name: str | None = None
+
+    @field_validator("cert", "key", "ca", "client_ca", mode="before")
+    @classmethod
+    def _expand(cls, value: object) -> object:
+        return os.path.expandvars(str(value)) if value is not None else value
+
+
+class WalltimeConfig(_Strict):
+    """Time-limited allocations (`--walltime`, Slurm): see site_agent/walltime.py."""
+
+    # Stop taking new work this long before the allocation ends ...
+    drain_margin_s: float = Field(default=600.0, gt=0)
+    # ... and hand back whatever still runs this long before it (time to deregister, stop).
+    handback_margin_s: float = Field(default=120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WalltimeConfig:
+        if self.handback_margin_s >= self.drain_margin_s:
+            raise ValueError("handback_margin_s must be smaller than drain_margin_s")
+        return self
 
 
 class SchedulerConfig(_Strict):
@@ -130,6 +181,8 @@ class SiteConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     container: dict[str, str] = Field(default_factory=dict)
     sandbox: SandboxConfig = SandboxConfig()
+    tls: TlsConfig | None = None  # None: plaintext gRPC (loopback, or a trusted network)
+    walltime: WalltimeConfig = WalltimeConfig()
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="before")

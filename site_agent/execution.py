@@ -67,6 +67,8 @@ class ExecutionResult:
     execution_s: float  # running the block (the model's forward passes included)
     peak_memory_bytes: int  # CUDA peak over all devices during the run; 0 without CUDA
     saved_names: list[str]  # the variables the client's frame receives
+    deserialize_s: float = 0.0  # unpickling and checking the payload (telemetry)
+    encode_s: float = 0.0  # encoding the result (telemetry)
 
 
 def run_request(
@@ -81,16 +83,22 @@ def run_request(
     apply_env(model, env, policy)
     sources = _RequestSources()
     try:
+        started = time.perf_counter()
         tracer = deserialize(model, payload, compress, policy)
+        deserialize_s = time.perf_counter() - started
         sources.forget_cached(tracer.info.frame.f_code.co_filename)
         result, execution_s, peak = _execute(model, tracer, emit_log, sources)
     finally:
         sources.restore()
+    started = time.perf_counter()
+    result_bytes = _encode(result, compress)
     return ExecutionResult(
-        result_bytes=_encode(result, compress),
+        result_bytes=result_bytes,
         execution_s=execution_s,
         peak_memory_bytes=peak,
         saved_names=sorted(result),
+        deserialize_s=deserialize_s,
+        encode_s=time.perf_counter() - started,
     )
 
 

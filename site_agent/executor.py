@@ -103,7 +103,7 @@ class PoolExecutor:
             capacity=len(self.slots),
             allowed_groups=self.config.access.allowed_groups,
             max_concurrent_jobs=self.config.access.max_concurrent_jobs or len(self.slots),
-            policy=_policy(),
+            policy=_policy(self.config),
         )
 
     @staticmethod
@@ -221,10 +221,10 @@ class PoolExecutor:
                 await stream.aclose()
 
 
-def _policy() -> pb.SandboxPolicy:
-    from site_agent.source_policy import SourcePolicy
+def _policy(config: SiteConfig) -> pb.SandboxPolicy:
+    from site_agent.sandbox_policy import build_source_policy
 
-    policy = SourcePolicy()
+    policy = build_source_policy(config.sandbox.policy)  # the site's own (its YAML)
     return pb.SandboxPolicy(
         name=policy.name,
         version=policy.version,

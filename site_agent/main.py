@@ -17,21 +17,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from auth.keys import public_keys_from_jwks
+from auth.remote_jwks import RemoteJwks
 from auth.roles import Role
 from auth.tokens import Claims, TokenVerifier
 from edif.errors import ConfigError, PermissionDenied
 from site_agent import ray_pool
-from site_agent.config import SiteConfig, load_site_config
+from site_agent.config import SiteConfig, TlsConfig, load_site_config
+from site_agent.draining import DrainingExecutor
 from site_agent.executor import PoolExecutor
 from site_agent.hardware import detect
 from site_agent.servicer import build_server, set_health
+from site_agent.telemetry import AgentTelemetry, start_telemetry
 
 log = logging.getLogger("edif.agent")
 
@@ -48,6 +51,14 @@ class AgentSettings(BaseSettings):
     ray_num_cpus: int | None = None
     jwks_wait_s: float = 60.0
     execution_time_s: float | None = None  # overrides the site config's limit (tests, demo)
+    # Where `edif agent join` keeps the site credential (0600); default $EDIF_HOME/agent/<site>.
+    state_dir: Path | None = None
+    # Telemetry (`site_agent.telemetry`): /metrics on this port (None: off), spans to a
+    # JSON-lines file, JSON log lines (ts, level, logger, msg, job_id, trace_id).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    traces_file: Path | None = None
+    log_format: Literal["text", "json"] = "text"
 
 
 def load_jwks(source: str, wait_s: float) -> dict:
@@ -74,9 +85,18 @@ def load_jwks(source: str, wait_s: float) -> dict:
             time.sleep(0.5)
 
 
-def broker_verifier(cfg: SiteConfig, jwks: dict):
-    """A verify(token) callable accepting only broker-role tokens addressed to this site."""
-    keys = public_keys_from_jwks(jwks)
+def broker_verifier(cfg: SiteConfig, jwks: dict, jwks_url: str | None = None):
+    """A verify(token) callable accepting only broker-role tokens addressed to this site.
+
+    With `jwks_url` (the broker's /.well-known/jwks.json) a token signed by a key the agent
+    has not seen refetches the JWKS (rate-limited), so a broker key rotation needs no agent
+    restart; the set is also refreshed every few minutes, so retired keys drop out.
+    """
+    keys: Any = public_keys_from_jwks(jwks)
+    if jwks_url and jwks_url.startswith(("http://", "https://")):
+        keys = RemoteJwks(
+            jwks_url, public_keys_from_jwks, initial=keys, min_refetch_s=5.0, max_age_s=300.0
+        )
     verifier = TokenVerifier(keys, issuer=cfg.broker.issuer, audience=f"edif-site:{cfg.site}")
 
     def verify(token: str | None) -> Claims:
@@ -90,17 +110,27 @@ def broker_verifier(cfg: SiteConfig, jwks: dict):
 
 @dataclass
 class RunningAgent:
-    """A started agent: its gRPC server (serving), executor and the model-loading task."""
+    """A started agent: its gRPC server (serving), executor and the model-loading task.
+
+    `front` is what the server calls: the executor plus draining and handing jobs back.
+    """
 
     server: grpc.aio.Server
     health: Any
     executor: PoolExecutor
+    front: DrainingExecutor
     port: int
     loading: asyncio.Task
+    telemetry: AgentTelemetry | None = None
+
+    async def stop_taking_work(self) -> None:
+        """Describe says draining, health says NOT_SERVING, new jobs are handed back."""
+        self.front.start_draining()
+        await set_health(self.health, {key: False for key in self.executor.slots})
 
     async def drain(self, timeout_s: float) -> None:
-        """Stop looking healthy and wait (up to `timeout_s`) for running and queued jobs."""
-        await set_health(self.health, {key: False for key in self.executor.slots})
+        """Stop taking work and wait (up to `timeout_s`) for running and queued jobs."""
+        await self.stop_taking_work()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while self.busy() and loop.time() < deadline:
@@ -112,6 +142,8 @@ class RunningAgent:
     async def stop(self, grace_s: float = 5.0) -> None:
         self.loading.cancel()
         await self.server.stop(grace=grace_s)
+        if self.telemetry is not None:
+            self.telemetry.close()
 
 
 async def start_agent(
@@ -119,44 +151,69 @@ async def start_agent(
     settings: AgentSettings,
     jwks: dict,
     on_loaded: Callable[[PoolExecutor, SiteConfig], None] | None = None,
+    jwks_url: str | None = None,
 ) -> RunningAgent:
     """Serve gRPC now (models show DEPLOYING) and load the models in the background."""
-    verify = broker_verifier(cfg, jwks)
+    verify = broker_verifier(cfg, jwks, jwks_url)
     _check_sandbox(cfg)
     hardware = detect()
     ray_pool.connect(settings.ray_address, settings.ray_num_cpus)
     executor = PoolExecutor(cfg, ray_pool.RayWorkerFactory(cfg.limits.result_chunk_bytes), hardware)
-    server, health = build_server(executor, verify, list(executor.slots))
+    front = DrainingExecutor(executor)
+    telemetry = start_telemetry(
+        cfg.site,
+        executor.slots,
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port,
+        traces_file=settings.traces_file,
+        log_format=settings.log_format,
+    )
+    server, health = build_server(front, verify, list(executor.slots), telemetry)
     listen = settings.listen or cfg.listen
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise ConfigError(f"cannot listen on {listen}")
+    port = bind(server, listen, cfg.tls)
     await server.start()
     await set_health(health, {key: False for key in executor.slots})
-    print(f"edif-agent listening site={cfg.site} port={port}", flush=True)
+    tls = "off" if cfg.tls is None else ("mTLS" if cfg.tls.client_ca else "on")
+    print(f"edif-agent listening site={cfg.site} port={port} tls={tls}", flush=True)
     loading = asyncio.create_task(_load(executor, health, cfg, on_loaded or _print_summary))
-    return RunningAgent(server, health, executor, port, loading)
+    return RunningAgent(server, health, executor, front, port, loading, telemetry)
+
+
+def bind(server: grpc.aio.Server, listen: str, tls: TlsConfig | None) -> int:
+    """Listen on `listen`: TLS only when configured (then never plaintext); the port."""
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, server_credentials(tls))
+    if port == 0:
+        raise ConfigError(f"cannot listen on {listen}")
+    return port
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    client_ca = read_pem(tls.client_ca, "tls.client_ca") if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read_pem(tls.key, "tls.key"), read_pem(tls.cert, "tls.cert"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def read_pem(path: Path, field: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"site config {field}: cannot read {path}: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"site config {field}: {path} is not a PEM file")
+    return data
 
 
 def _check_sandbox(cfg: SiteConfig) -> None:
-    """Say whether job threads can be contained here; refuse to serve if required and not."""
-    from site_agent.containment import probe
+    """Say what the sandbox enforces here; refuse to serve if a required layer is missing."""
+    from site_agent.sandbox_startup import check_sandbox
 
-    support = probe()
-    if support.available:
-        print(f"edif-agent sandbox: seccomp job-thread containment on ({support.reason})")
-        return
-    if cfg.sandbox.require_seccomp:
-        raise ConfigError(
-            f"site {cfg.site}: this machine cannot contain job threads with seccomp "
-            f"({support.reason}); install libseccomp2 and the pyseccomp package, or set "
-            "`sandbox: {require_seccomp: false}` in the site config to serve without it"
-        )
-    print(
-        f"edif-agent sandbox: WARNING seccomp unavailable ({support.reason}); serving "
-        "WITHOUT OS-level containment because the site config sets require_seccomp: false",
-        flush=True,
-    )
+    check_sandbox(cfg, say=lambda line: print(line, flush=True))
 
 
 def stop_event() -> asyncio.Event:
@@ -169,8 +226,9 @@ def stop_event() -> asyncio.Event:
 
 
 async def serve(cfg: SiteConfig, settings: AgentSettings) -> None:
-    jwks = load_jwks(settings.broker_jwks or cfg.broker.jwks, settings.jwks_wait_s)
-    agent = await start_agent(cfg, settings, jwks)
+    source = settings.broker_jwks or cfg.broker.jwks
+    jwks = load_jwks(source, settings.jwks_wait_s)
+    agent = await start_agent(cfg, settings, jwks, jwks_url=source)
     await stop_event().wait()
     await agent.stop()
 

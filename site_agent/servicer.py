@@ -20,6 +20,7 @@ from edif.errors import AuthenticationError, PermissionDenied
 from proto import site_agent_pb2 as pb
 from proto import site_agent_pb2_grpc as pb_grpc
 from site_agent.executor import Executor, JobSpec
+from site_agent.telemetry import AgentTelemetry
 
 log = logging.getLogger("edif.agent.grpc")
 
@@ -28,8 +29,9 @@ _UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)
 
 
 class SiteAgentServicer(pb_grpc.SiteAgentServicer):
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, telemetry: AgentTelemetry | None = None) -> None:
         self.executor = executor
+        self.telemetry = telemetry or AgentTelemetry.disabled()
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.SiteDescription:  # noqa: N802
         return self.executor.describe()
@@ -37,6 +39,16 @@ class SiteAgentServicer(pb_grpc.SiteAgentServicer):
     async def Execute(  # noqa: N802
         self, request: pb.ExecuteRequest, context
     ) -> AsyncIterator[pb.ExecuteUpdate]:
+        # The job's spans continue the broker's trace (traceparent in the call's metadata).
+        traced = self.telemetry.job(request, context.invocation_metadata())
+        try:
+            async for update in self._execute(request):
+                traced.update(update)
+                yield update
+        finally:
+            traced.close()
+
+    async def _execute(self, request: pb.ExecuteRequest) -> AsyncIterator[pb.ExecuteUpdate]:
         if not _is_json_object(request.env_json or "{}"):  # the worker would fail on it
             refusal = "env_json is not a JSON object"
             yield pb.ExecuteUpdate(error=pb.JobError(kind=pb.REFUSED, description=refusal))
@@ -94,7 +106,10 @@ def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 def build_server(
-    executor: Executor, verify: Callable[[str | None], Any], model_keys: list[str]
+    executor: Executor,
+    verify: Callable[[str | None], Any],
+    model_keys: list[str],
+    telemetry: AgentTelemetry | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     server = grpc.aio.server(
         interceptors=[BrokerAuthInterceptor(verify)],
@@ -103,7 +118,7 @@ def build_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_SiteAgentServicer_to_server(SiteAgentServicer(executor), server)
+    pb_grpc.add_SiteAgentServicer_to_server(SiteAgentServicer(executor, telemetry), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer

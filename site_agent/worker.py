@@ -12,19 +12,28 @@ Items: ("running",) · ("log", text) · ("chunk", bytes) · ("done", meta) ·
 ("error", kind, text) · ("error", kind, text, True): the job changed shared state and the
 agent must replace this worker before its next job.
 
-Sandbox (layers 2 to 4; layer 1 is the source check in `run_request`): after the model has
-loaded, the job thread contains itself with a seccomp filter (`containment.py`; refused
-start-up where seccomp is missing unless the site config opts out), and the worker takes
-the isolation baseline (`isolation.py`). Blocks run with restricted builtins
-(`runtime_guard.py`, applied in `execution.deserialize`). After each job the shared state is
-fingerprinted again; a job that changed it ends in an error and asks for a new worker.
+Sandbox (layers 2 to 4; layer 1 is the source check in `run_request`, against the site's own
+policy, `sandbox_policy.py`): after the model has loaded, the job thread confines its writes
+to a private scratch root with Landlock (`scratch.py`; each job gets a fresh directory beneath
+it as its working directory, and everything beneath the root is removed after the job) and
+contains itself with a seccomp filter (`containment.py`; refused start-up where either is
+missing unless the site config opts out), and the worker takes the isolation baseline
+(`isolation.py`). Blocks and shipped functions run with restricted builtins
+(`runtime_guard.py`, applied in `execution.deserialize` and the unpickler). After each job
+the shared state is fingerprinted again and the scratch root emptied; a job that changed the
+state, or left files that cannot be removed, ends in an error and asks for a new worker.
+Refusals always name the site's policy (`name vN`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import queue
+import sys
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -48,6 +57,8 @@ class ModelWorker:
         import torch
 
         from site_agent.loading import load_model, parameter_bytes
+        from site_agent.sandbox_policy import build_source_policy
+        from site_agent.unpickler import PayloadPolicy
 
         self.cfg = ModelConfig.model_validate_json(model_json)
         torch.set_num_threads(self.cfg.torch_threads)
@@ -56,20 +67,52 @@ class ModelWorker:
         # Load on the job thread too: some backends bind per-thread state at load time.
         self.model = self._thread.submit(load_model, self.cfg).result()
         self.param_bytes = parameter_bytes(self.model)
+        self.policy = PayloadPolicy(source=build_source_policy(self.cfg.sandbox.policy))
+        self.scratch: Any = None  # scratch.Scratch where Landlock confines the job thread
         self.contained = self._thread.submit(self._contain).result()
         self._baseline = self._thread.submit(self._fingerprint).result()
         self._tainted = False
 
     def _contain(self) -> bool:
-        """Contain the job thread for the rest of its life (after loading: that writes)."""
+        """Contain the job thread for the rest of its life (after loading: that writes).
+
+        Landlock first (per-job scratch, writes elsewhere refused), then seccomp, which
+        leaves path-checked writes to Landlock only where Landlock is on.
+        """
         from site_agent.containment import ContainmentUnavailable, contain_thread
 
+        landlock = self._confine_writes()
         try:
-            contain_thread()
+            contain_thread(landlock=landlock)
         except ContainmentUnavailable:
             if self.cfg.sandbox.require_seccomp:
                 raise  # the slot turns UNHEALTHY with this message
             return False
+        return True
+
+    def _confine_writes(self) -> bool:
+        """Give jobs a scratch root and confine the job thread's writes to it (scratch.py)."""
+        from site_agent.scratch import (
+            LandlockUnavailable,
+            Scratch,
+            own_working_directory,
+            restrict_writes,
+        )
+
+        scratch = Scratch.create(self.cfg.sandbox.scratch_dir)
+        try:
+            restrict_writes(scratch.root)
+        except LandlockUnavailable:
+            scratch.remove()
+            if self.cfg.sandbox.require_landlock:
+                raise  # the slot turns UNHEALTHY with this message
+            return False
+        # The job thread's working directory becomes each job's scratch directory: imports
+        # must not resolve through it, so no relative entry may stay on sys.path.
+        sys.path[:] = [p if os.path.isabs(p) else os.path.abspath(p) for p in sys.path]
+        scratch.own_cwd = own_working_directory()
+        self.scratch = scratch
+        weakref.finalize(self, scratch.remove)
         return True
 
     def _fingerprint(self):  # noqa: ANN202 - isolation.Fingerprint, imported late
@@ -77,19 +120,33 @@ class ModelWorker:
             return None
         from site_agent.isolation import fingerprint
 
-        return fingerprint(self.model)
+        return fingerprint(self.model, baseline=True)
 
     def _contamination(self) -> list[str]:
         """What the last job changed in shared state (isolation.py); empty if nothing."""
         if self._baseline is None:
             return []
-        from site_agent.isolation import differences
+        from site_agent.isolation import differences, fingerprint
 
-        return differences(self._baseline, self._fingerprint())
+        after = fingerprint(self.model)
+        changed = differences(self._baseline, after)
+        if not changed:
+            # What a clean job left is the next job's baseline, comparing the same attributes:
+            # a data attribute it changed (a cache) no longer takes the slow path every job.
+            self._baseline = dataclasses.replace(after, compared=self._baseline.compared)
+        return changed
+
+    def _clear_scratch(self) -> list[str]:
+        """Remove what the job wrote; anything left would reach the next job."""
+        if self.scratch is None:
+            return []
+        try:
+            left = self.scratch.end()
+        except OSError as exc:
+            left = [str(exc)]
+        return [f"its scratch directory could not be emptied ({'; '.join(left)})"] if left else []
 
     def info(self) -> dict[str, Any]:
-        import os
-
         return {"pid": os.getpid(), "param_bytes": self.param_bytes, "contained": self.contained}
 
     def execute(self, payload: bytes, compress: bool, env_json: str) -> Iterator[tuple]:
@@ -108,10 +165,16 @@ class ModelWorker:
             updates.put(_END)
             return
         error: tuple | None = None
+        label = self.policy.source.label
+        emit = lambda s: updates.put(("log", s))  # noqa: E731
         try:
-            out = run_request(self.model, payload, compress, env, lambda s: updates.put(("log", s)))
+            if self.scratch is not None:
+                self.scratch.begin()
+            out = run_request(self.model, payload, compress, env, emit, self.policy)
         except PayloadRefused as exc:
-            error = ("error", "REFUSED", exc.message)
+            # Name the site's policy in every refusal, also the unpickler's.
+            detail = exc.message if label in exc.message else f"{exc.message} (site policy {label})"
+            error = ("error", "REFUSED", detail)
         except UserCodeError as exc:
             error = ("error", "USER", exc.message)
         except BaseException as exc:  # noqa: BLE001 - any failure must end the job, not the worker
@@ -120,6 +183,7 @@ class ModelWorker:
             changed = self._contamination()
         except BaseException as exc:  # noqa: BLE001 - a check that fails counts as a change
             changed = [f"the isolation check failed: {type(exc).__name__}: {exc}"]
+        changed += self._clear_scratch()
         if changed:
             self._tainted = True
             error = ("error", "USER", WorkerContaminated(_contaminated(changed)).message, True)
@@ -139,6 +203,8 @@ class ModelWorker:
                         "sha256": hashlib.sha256(data).hexdigest(),
                         "execution_s": out.execution_s,
                         "peak_memory_bytes": out.peak_memory_bytes,
+                        "deserialize_s": out.deserialize_s,
+                        "encode_s": out.encode_s,
                     },
                 )
             )

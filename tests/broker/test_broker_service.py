@@ -102,7 +102,7 @@ async def test_happy_path_relays_everything_and_completes_inline(service, sites)
 
 async def test_polled_status_is_always_the_url_form(service) -> None:
     reply, frames, _ = await run_job(service)
-    stored = service.status_of(ALICE, reply.id)
+    stored = await service.status_of(ALICE, reply.id)
     assert stored.status == "COMPLETED"
     token = service.job(reply.id).result.token
     assert stored.data == f"http://broker.test/results/{reply.id}/{token}"
@@ -159,7 +159,7 @@ async def test_every_failure_ends_in_exactly_one_error(service, sites, case, tmp
     assert frames[-1].status == "ERROR"
     assert expected in frames[-1].description
     assert frames[-1].meta["site"] == "site-a"
-    assert service.status_of(ALICE, reply.id).status == "ERROR"
+    assert (await service.status_of(ALICE, reply.id)).status == "ERROR"
     assert service.job(reply.id).state == "ERROR"
     assert list((tmp_path / "broker" / "results").iterdir()) == []
 
@@ -242,22 +242,22 @@ async def test_a_client_that_goes_away_does_not_stop_the_job(service) -> None:
     sink = RecordingSink()
     sink.fail = True
     reply, _, _ = await run_job(service, sink)
-    assert service.status_of(ALICE, reply.id).status == "COMPLETED"
+    assert (await service.status_of(ALICE, reply.id)).status == "COMPLETED"
 
 
 async def test_non_blocking_job_is_pollable(service) -> None:
     reply = await submit(service)
     await service.drain()
-    assert service.status_of(ALICE, reply.id).data.startswith("http://broker.test/results/")
+    assert (await service.status_of(ALICE, reply.id)).data.startswith("http://broker.test/results/")
 
 
 async def test_jobs_and_sessions_belong_to_their_owner(service, sites) -> None:
     reply = await submit(service)
     await service.drain()
     with pytest.raises(NotFound):
-        service.status_of(BOB, reply.id)
+        await service.status_of(BOB, reply.id)
     with pytest.raises(NotFound):
-        service.status_of(ALICE, "no-such-job")
+        await service.status_of(ALICE, "no-such-job")
     session_id = await service.open_session(RecordingSink(), ALICE)
     with pytest.raises(PermissionDenied):
         await submit(service, BOB, session_id)
@@ -321,9 +321,9 @@ async def test_finished_jobs_are_pruned_after_retention(make_service, clock) -> 
     reply = await submit(service)
     await service.drain()
     clock.advance(101)
-    service.sweep()
+    await service.sweep()
     with pytest.raises(NotFound):
-        service.status_of(ALICE, reply.id)
+        await service.status_of(ALICE, reply.id)
     await service.close()
 
 
