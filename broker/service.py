@@ -233,7 +233,11 @@ class BrokerService:
 
     def deployments(self) -> dict[str, Any]:
         reachable = {view.name: view.reachable for view in self._catalog.views()}
-        return status_document(self._catalog.descriptions(), reachable)
+        document = status_document(self._catalog.descriptions(), reachable)
+        if self._fairshare is not None:
+            # Jobs waiting here for a site (the client reads only "deployments").
+            document["broker_queue"] = self._fairshare.depths()
+        return document
 
     def environment(self) -> dict[str, Any]:
         return env_document(self._catalog.descriptions())

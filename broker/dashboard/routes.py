@@ -443,7 +443,8 @@ class Dashboard:
         session = self.session_of(request)
         if session is None:
             return self.to_login()
-        sites = views.sites_of(self.deployments())
+        status = self.deployments()
+        sites = views.sites_of(status)
         return self.render(
             "sites.html",
             request,
@@ -451,6 +452,7 @@ class Dashboard:
             sites=sites,
             models=sum(len(s.models) for s in sites),
             queued=sum(s.queue_depth for s in sites),
+            waiting=sum((status.get("broker_queue") or {}).values()),
             healthy=sum(1 for s in sites if s.health == "HEALTHY"),
         )
 

@@ -133,6 +133,8 @@ async def test_the_polled_status_of_a_waiting_job_has_its_position(setup, sites)
     second = await submit(service, LIGHT)
     await until(lambda: "position 1 of 1" in service.job(second).latest.description)
     assert (await service.status_of(LIGHT, second)).status == "QUEUED"
+    # /status (and the dashboard) count it as waiting at the broker, per model.
+    assert list(service.deployments()["broker_queue"].values()) == [1]
     sites.finish(first)
     await until(lambda: sites.running() == [second])
     sites.finish(second)
