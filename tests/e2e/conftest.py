@@ -106,18 +106,23 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
     up = subprocess.Popen(
         argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
-    # A second broker over the same sites that always delivers results by URL.
-    url_only = BrokerProcess(
-        home, "broker-url-only", free_port(), {"EDIF_BROKER_INLINE_MAX_BYTES": "0"}
-    )
+    url_only: BrokerProcess | None = None
     try:
         state = _wait_file(state_file, up, 180)
-        url_only.log_path = Path(state["logs_dir"]) / "broker-url-only.log"
-        url_only.start()
+        # A second broker over the same sites that always delivers results by URL. Its port is
+        # picked only now: `edif up` binds ports of its own while it starts.
+        url_only = BrokerProcess(
+            home,
+            "broker-url-only",
+            free_port(),
+            {"EDIF_BROKER_INLINE_MAX_BYTES": "0"},
+            logs=Path(state["logs_dir"]),
+        ).start()
         _wait_running(state["broker_url"], 240)
         _wait_running(url_only.url, 60)
         issuer = TokenIssuer(KeyStore(home / "keys"))
         yield Mesh(home, state["broker_url"], url_only.url, state, issuer)
     finally:
-        url_only.stop()
+        if url_only is not None:
+            url_only.stop()
         stop_process(up)
