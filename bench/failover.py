@@ -41,9 +41,12 @@ GPT2_SITES = ("ansbach-demo", "heilbronn-demo")
 SPIN = 8_000_000
 
 
-def start_mesh(home: Path) -> tuple[subprocess.Popen, dict]:
+def start_mesh(
+    home: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, dict]:
+    """`edif up --demo` under `home` (with `extra_env`, e.g. broker settings); its state."""
     state_file = home / "mesh.json"
-    env = {**os.environ, "EDIF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "EDIF_HOME": str(home), "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     log = open(home / "edif-up.log", "ab")  # noqa: SIM115
     argv = [sys.executable, "-m", "edif", "up", "--demo", "--state-file", str(state_file)]
     proc = subprocess.Popen(

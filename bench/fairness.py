@@ -85,6 +85,9 @@ from auth.roles import Role  # noqa: E402
 from auth.tokens import TokenIssuer  # noqa: E402
 from edif.demo import TINY_GPT2, load  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import failover  # noqa: E402 - bench/failover.py: the same demo-mesh start
+
 PROMPT = "The capital of France is"
 MODES: dict[str, dict[str, str]] = {
     "fair": {},
@@ -118,25 +121,8 @@ class JobRecord:
 
 
 def start_mesh(home: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
-    state_file = home / "mesh.json"
-    env = {
-        **os.environ,
-        "EDIF_HOME": str(home),
-        "HF_HUB_OFFLINE": "1",
-        "EDIF_BROKER_QUOTA_DEFAULTS": QUOTAS,
-        **extra_env,
-    }
-    log = open(home / "edif-up.log", "ab")  # noqa: SIM115 - owned by the child
-    argv = [sys.executable, "-m", "edif", "up", "--demo", "--state-file", str(state_file)]
-    proc = subprocess.Popen(
-        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 240
-    while not state_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"edif up failed; see {home / 'edif-up.log'}")
-        time.sleep(0.2)
-    return proc, json.loads(state_file.read_text())
+    """The demo mesh with quotas widened (nothing here may be refused) and the mode's settings."""
+    return failover.start_mesh(home, {"EDIF_BROKER_QUOTA_DEFAULTS": QUOTAS, **extra_env})
 
 
 def wait_running(url: str, timeout_s: float = 300) -> None:
