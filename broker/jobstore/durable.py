@@ -68,9 +68,6 @@ class DurableJobs:
     async def purge(self, finished_before: float) -> int:
         return await self._call(self._store.purge, finished_before)
 
-    def counts(self) -> dict[str, int]:
-        return self._thread.submit(self._store.counts).result()
-
     async def close(self) -> None:
         """Close the store once (the service's close runs more than once on shutdown)."""
         if self._closed:

@@ -50,7 +50,6 @@ class BrokerProcess:
         self.log_path = (logs or home / "run" / "logs") / f"{name}.log"
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen | None = None
-        self.starts = 0
 
     def start(self) -> BrokerProcess:
         env = {
@@ -72,7 +71,6 @@ class BrokerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.starts += 1
         return self
 
     def wait_ready(self, timeout_s: float = 120.0) -> float:

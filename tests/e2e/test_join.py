@@ -100,23 +100,9 @@ def test_leave_drains_and_deregisters(mesh, tmp_path) -> None:
     log = tmp_path / "leaver.log"
     proc = _join(mesh, site_file, token, log)
     try:
-        deadline = time.monotonic() + 120
-        while not (entries := _entries(mesh, "leaver-demo")) or any(
-            e["application_state"] != "RUNNING" for e in entries.values()
-        ):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, entries
-            time.sleep(0.5)
+        _wait_running(mesh, proc, "leaver-demo", log)
         assert "edif-agent ready site=leaver-demo" in log.read_text()
-        leave = subprocess.run(
-            [sys.executable, "-m", "edif", "agent", "leave", "--site", str(site_file)],
-            env=_env(mesh),
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        assert leave.returncode == 0, leave.stderr
-        assert proc.wait(timeout=30) == 0
+        _leave(mesh, site_file, proc)
         assert "edif-agent left site=leaver-demo unfinished_jobs=0" in log.read_text()
         assert _entries(mesh, "leaver-demo") == {}
         assert not (mesh.home / "run" / "agent-leaver-demo.pid").exists()
