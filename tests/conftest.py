@@ -12,3 +12,14 @@ import anyio._backends._asyncio  # noqa: F401  (must precede any nnsight import)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def pytest_addoption(parser) -> None:
+    # The conformance tests' local reference runs where the sites' models run: `cuda` on a
+    # GPU machine (the agents place the demo models on the GPU they detect), else the CPU.
+    parser.addoption(
+        "--model-device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="device of the local reference models in the e2e conformance tests",
+    )

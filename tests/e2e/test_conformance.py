@@ -30,11 +30,20 @@ def layers(model):
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
 
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    """Where the sites run the models, and so where the local reference must run too: CUDA
+    kernels are bit-identical to CUDA kernels, not to the CPU's."""
+    return pytestconfig.getoption("--model-device")
+
+
 @pytest.fixture(scope="module", params=MODELS)
-def pair(request, mesh):
+def pair(request, mesh, device):
     """(remote meta model, local dispatched model) for one demo model."""
     home = mesh.home
-    return load(request.param, home=home), load(request.param, home=home, dispatch=True)
+    placed = {} if device == "cpu" else {"device_map": f"{device}:0"}
+    remote = load(request.param, home=home)
+    return remote, load(request.param, home=home, dispatch=True, **placed)
 
 
 @pytest.fixture(params=["inline", "url"])
@@ -102,9 +111,21 @@ def generate(model, **kw):
 
 
 def assert_equal(remote: dict, local: dict) -> None:
+    """Bit-identical. The nnsight client loads results onto the CPU (`map_location="cpu"`), so
+    a CUDA reference is copied there first; the copy changes no bit."""
     assert remote.keys() == local.keys()
     for name in local:
-        assert torch.equal(remote[name], local[name]), name
+        assert torch.equal(remote[name], local[name].cpu()), name
+
+
+def test_sites_run_the_models_on_the_device(mesh, device) -> None:
+    """Each agent's join summary places every demo model on the reference's device."""
+    for site in ("ansbach-demo", "fau-demo", "heilbronn-demo"):
+        rows = [line.split() for line in mesh.log(f"agent-{site}").splitlines()]
+        placed = {row[0]: row[3] for row in rows if row and row[0] in MODELS and len(row) > 3}
+        assert placed, f"no placement summary in agent-{site}.log"
+        expected = "cpu" if device == "cpu" else f"{device}:0"
+        assert set(placed.values()) == {expected}, (site, placed)
 
 
 @pytest.mark.parametrize(
@@ -122,7 +143,7 @@ def test_patch_with_shipped_tensor(pair, host) -> None:
     remote = patch_shipped(remote_model, clean, remote=True)
     assert_equal(remote, patch_shipped(local, clean))
     unpatched = hidden_and_logits(local)["logits"]
-    assert not torch.equal(remote["logits"][:, -1], unpatched[:, -1])
+    assert not torch.equal(remote["logits"][:, -1], unpatched[:, -1].cpu())
 
 
 def test_patch_inside_remote_session(pair, host) -> None:
@@ -162,7 +183,7 @@ def test_non_blocking_poll(pair, host) -> None:
         result = tracer.backend()
         time.sleep(0.1)
     assert result is not None
-    assert torch.equal(result["logits"], hidden_and_logits(local)["logits"])
+    assert_equal({"logits": result["logits"]}, {"logits": hidden_and_logits(local)["logits"]})
 
 
 def test_async_backend(pair, host) -> None:
@@ -173,7 +194,7 @@ def test_async_backend(pair, host) -> None:
     with remote_model.trace(PROMPT, backend=backend):
         logits = remote_model.lm_head.output.save()  # noqa: F841
     result = asyncio.run(_await(backend))
-    assert torch.equal(result["logits"], hidden_and_logits(local)["logits"])
+    assert_equal({"logits": result["logits"]}, {"logits": hidden_and_logits(local)["logits"]})
 
 
 async def _await(backend):
@@ -207,7 +228,7 @@ def test_explicit_backend_with_env_key(pair, mesh, monkeypatch) -> None:
     )
     with remote_model.trace(PROMPT, backend=backend):
         logits = remote_model.lm_head.output.save()
-    assert torch.equal(logits, hidden_and_logits(local)["logits"])
+    assert_equal({"logits": logits}, {"logits": hidden_and_logits(local)["logits"]})
 
 
 def test_status_env_whoami(mesh) -> None:
