@@ -24,6 +24,7 @@ from broker.telemetry.observer import JobObserver
 from edif.errors import SiteUnavailable
 from proto import site_agent_pb2 as pb
 from proto import site_agent_pb2_grpc as pb_grpc
+from proto.chunks import EXECUTE_METHOD, parse_update
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class GrpcSiteClient:
     ) -> AsyncGenerator[pb.ExecuteUpdate, None]:
         # The job's trace continues at the site: W3C traceparent beside the credential.
         watch = self._observer.site_call(request.job_id, site)
-        call = self._stub(site).Execute(request, metadata=self._metadata(site) + watch.headers())
+        metadata = self._metadata(site) + watch.headers()
+        call = self._execute_method(site)(request, metadata=metadata)
         try:
             async for update in call:
                 watch.update(update)
@@ -118,6 +120,16 @@ class GrpcSiteClient:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
+
+    def _execute_method(self, site: str) -> grpc.aio.UnaryStreamMultiCallable:
+        """`Execute`, reading result chunks as views into the received messages
+        (`proto.chunks`: no protobuf copies of the result's bytes)."""
+        self._stub(site)  # opens (or replaces) the site's channel
+        return self._channels[site].unary_stream(
+            EXECUTE_METHOD,
+            request_serializer=pb.ExecuteRequest.SerializeToString,
+            response_deserializer=parse_update,
+        )
 
     def _stub(self, site: str) -> pb_grpc.SiteAgentStub:
         address = self._addresses.get(site)

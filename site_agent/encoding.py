@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,25 @@ def encode_result(result: dict, compress: bool) -> bytes:
     if compress:
         data = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
     return data
+
+
+def stream_result(result: dict, write: Callable[[memoryview], Any]) -> None:
+    """`encode_result(result, compress=False)`, byte for byte, handed to `write` piece by piece
+    as `torch.save` writes it (site_agent/chunking.py)."""
+    torch.save(compact(result), _Writer(write), pickle_protocol=2)
+
+
+class _Writer(io.RawIOBase):
+    def __init__(self, write: Callable[[memoryview], Any]) -> None:
+        self._write = write
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._write(view)
+        return view.nbytes
 
 
 def compact(value: Any) -> Any:

@@ -52,7 +52,7 @@ from edif.errors import (
     ResultNotSerializable,
     UserCodeError,
 )
-from site_agent.encoding import encode_result
+from site_agent.encoding import encode_result, stream_result
 from site_agent.logrelay import LogRelay
 from site_agent.runtime_guard import builtins_dict
 from site_agent.source_policy import check_namespace, check_source, module_bindings
@@ -63,7 +63,9 @@ _ENV_KEYS = frozenset({"attn_implementation", "peft"})
 
 @dataclass(frozen=True)
 class ExecutionResult:
-    result_bytes: bytes  # what the client loads: torch.save, zstd'd iff the request was
+    # What the client loads: torch.save, zstd'd iff the request was. Empty when an
+    # uncompressed result was streamed to run_request's `sink` instead.
+    result_bytes: bytes
     execution_s: float  # running the block (the model's forward passes included)
     peak_memory_bytes: int  # CUDA peak over all devices during the run; 0 without CUDA
     saved_names: list[str]  # the variables the client's frame receives
@@ -78,8 +80,11 @@ def run_request(
     env: dict,
     emit_log: Callable[[str], None],
     policy: PayloadPolicy = PayloadPolicy(),  # noqa: B008 - frozen, so sharing it is safe
+    sink: Callable[[memoryview], Any] | None = None,
 ) -> ExecutionResult:
-    """Run one request payload on `model` (a dispatched nnsight model); see module doc."""
+    """Run one request payload on `model` (a dispatched nnsight model); see module doc.
+
+    With a `sink`, an uncompressed result is written to it as it is encoded, not returned."""
     apply_env(model, env, policy)
     sources = _RequestSources()
     try:
@@ -91,7 +96,7 @@ def run_request(
     finally:
         sources.restore()
     started = time.perf_counter()
-    result_bytes = _encode(result, compress)
+    result_bytes = _encode(result, compress, sink)
     return ExecutionResult(
         result_bytes=result_bytes,
         execution_s=execution_s,
@@ -339,8 +344,11 @@ def _forget_traces(filenames: Collection[str]) -> None:
         del tracing_globals.BLOCKS[key]
 
 
-def _encode(result: dict, compress: bool) -> bytes:
+def _encode(result: dict, compress: bool, sink: Callable[[memoryview], Any] | None) -> bytes:
     try:
+        if sink is not None and not compress:
+            stream_result(result, sink)
+            return b""
         return encode_result(result, compress)
     except KeyboardInterrupt:
         raise

@@ -22,6 +22,7 @@ from importlib import metadata
 from typing import Protocol
 
 from proto import site_agent_pb2 as pb
+from proto.chunks import ChunkUpdate
 from site_agent.config import SiteConfig
 from site_agent.hardware import DetectedHardware
 from site_agent.slots import ModelSlot, WorkerDied, WorkerFactory
@@ -249,8 +250,8 @@ def _translate(item: tuple) -> pb.ExecuteUpdate:
         return _status("RUNNING", "your job has started running")
     if tag == "log":
         return pb.ExecuteUpdate(log=pb.LogLine(text=item[1]))
-    if tag == "chunk":
-        return pb.ExecuteUpdate(chunk=pb.ResultChunk(data=item[1]))
+    if tag == "chunk":  # bytes, or a read-only array over Ray's object store (worker.py)
+        return ChunkUpdate(item[1])  # serialized without protobuf's copies (proto/chunks.py)
     if tag == "done":
         return pb.ExecuteUpdate(done=pb.ResultEnd(**item[1]))
     if tag == "error":

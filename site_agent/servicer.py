@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from edif.errors import AuthenticationError, PermissionDenied
 from proto import site_agent_pb2 as pb
 from proto import site_agent_pb2_grpc as pb_grpc
+from proto.chunks import add_servicer
 from site_agent.executor import Executor, JobSpec
 from site_agent.telemetry import AgentTelemetry
 
@@ -118,7 +119,7 @@ def build_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_SiteAgentServicer_to_server(SiteAgentServicer(executor, telemetry), server)
+    add_servicer(SiteAgentServicer(executor, telemetry), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer

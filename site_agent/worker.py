@@ -8,7 +8,7 @@ and the model's interleaver are process-wide (spec §11.6).
 
 `execute` is a generator: Ray streams each yielded item back to the agent as it is produced,
 so LOG lines arrive while the block runs and a large result arrives in chunks.
-Items: ("running",) · ("log", text) · ("chunk", bytes) · ("done", meta) ·
+Items: ("running",) · ("log", text) · ("chunk", buffer) · ("done", meta) ·
 ("error", kind, text) · ("error", kind, text, True): the job changed shared state and the
 agent must replace this worker before its next job.
 
@@ -42,6 +42,16 @@ from site_agent.config import ModelConfig
 
 _END = object()
 _REPLACING = "this model worker is being replaced after an earlier job; retry"
+
+
+def _zero_copy(view: memoryview | bytearray) -> Any:
+    """A chunk Ray carries without copying it in Python: a uint8 array over `view` is pickled
+    out of band, straight into the object store, and the agent reads it from there in place.
+    Pickling `bytes` copies each chunk twice more on the way in (1 GiB: 0.94-1.21 s of actor
+    CPU in 8 MiB chunks, against 0.16-0.27 s as arrays; docs/benchmarks.md section 2)."""
+    import numpy as np
+
+    return np.frombuffer(view, dtype=np.uint8)
 
 
 def _contaminated(changed: list[str]) -> str:
@@ -150,13 +160,22 @@ class ModelWorker:
         return {"pid": os.getpid(), "param_bytes": self.param_bytes, "contained": self.contained}
 
     def execute(self, payload: bytes, compress: bool, env_json: str) -> Iterator[tuple]:
+        from site_agent.chunking import InFlight
+
         updates: queue.Queue = queue.Queue()
-        self._thread.submit(self._run, payload, compress, json.loads(env_json or "{}"), updates)
+        in_flight = InFlight()
+        env = json.loads(env_json or "{}")
+        self._thread.submit(self._run, payload, compress, env, updates, in_flight)
         while (item := updates.get()) is not _END:
             yield item
+            if item[0] == "chunk":  # Ray has stored it by the time the generator resumes
+                in_flight.leave()
 
-    def _run(self, payload: bytes, compress: bool, env: dict, updates: queue.Queue) -> None:
+    def _run(
+        self, payload: bytes, compress: bool, env: dict, updates: queue.Queue, in_flight: Any
+    ) -> None:
         from edif.errors import PayloadRefused, UserCodeError, WorkerContaminated
+        from site_agent.chunking import ChunkCutter
         from site_agent.execution import run_request
 
         updates.put(("running",))
@@ -167,10 +186,18 @@ class ModelWorker:
         error: tuple | None = None
         label = self.policy.source.label
         emit = lambda s: updates.put(("log", s))  # noqa: E731
+        # Uncompressed results stream while they are encoded (chunking.py). The chunks carry
+        # no answer until "done", which still comes only after the isolation check below; a
+        # job that fails after some chunks ends in "error", and the broker drops them.
+        send = lambda buf: updates.put(("chunk", _zero_copy(buf)))  # noqa: E731
+        cutter = None if compress else ChunkCutter(self.chunk_bytes, send, in_flight)
         try:
             if self.scratch is not None:
                 self.scratch.begin()
-            out = run_request(self.model, payload, compress, env, emit, self.policy)
+            sink = cutter.write if cutter is not None else None
+            out = run_request(self.model, payload, compress, env, emit, self.policy, sink)
+            if cutter is not None:
+                cutter.close()
         except PayloadRefused as exc:
             # Name the site's policy in every refusal, also the unpickler's.
             detail = exc.message if label in exc.message else f"{exc.message} (site policy {label})"
@@ -192,15 +219,19 @@ class ModelWorker:
             updates.put(_END)
             return
         try:
-            data = memoryview(out.result_bytes)
-            for start in range(0, len(data), self.chunk_bytes):
-                updates.put(("chunk", bytes(data[start : start + self.chunk_bytes])))
+            if cutter is not None:
+                total, sha256 = cutter.total, cutter.sha256
+            else:
+                data = memoryview(out.result_bytes)
+                for start in range(0, len(data), self.chunk_bytes):
+                    updates.put(("chunk", _zero_copy(data[start : start + self.chunk_bytes])))
+                total, sha256 = len(data), hashlib.sha256(data).hexdigest()
             updates.put(
                 (
                     "done",
                     {
-                        "total_bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(),
+                        "total_bytes": total,
+                        "sha256": sha256,
                         "execution_s": out.execution_s,
                         "peak_memory_bytes": out.peak_memory_bytes,
                         "deserialize_s": out.deserialize_s,

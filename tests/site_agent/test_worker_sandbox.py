@@ -13,6 +13,7 @@ default runs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -150,13 +151,21 @@ class Capture(Backend):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A ModelWorker on the tiny model (its job thread contained for good), and a meta model."""
-    from site_agent.worker import ModelWorker
-
     home = tmp_path_factory.mktemp("edif-home")
     meta = load(TINY_GPT2, home=home)
+    worker = tiny_worker(model_dir(TINY_GPT2, home))
+    yield worker, meta, model_dir(TINY_GPT2, home)
+    worker._thread.shutdown()
+    if worker.scratch is not None:
+        worker.scratch.remove()
+
+
+def tiny_worker(weights: Path):  # noqa: ANN201 - a site_agent.worker.ModelWorker
+    from site_agent.worker import ModelWorker
+
     cfg = ModelConfig(
         repo_id=TINY_GPT2,
-        source=str(model_dir(TINY_GPT2, home)),
+        source=str(weights),
         device_map="cpu",
         sandbox={
             # Where this machine has them, both are applied anyway (the tests that need
@@ -166,11 +175,7 @@ def site(tmp_path_factory):
             "policy": {"name": "test-site", "version": 7, "allow_imports": ["statistics"]},
         },
     )
-    worker = ModelWorker(cfg.model_dump_json(), 1 << 20)
-    yield worker, meta, model_dir(TINY_GPT2, home)
-    worker._thread.shutdown()
-    if worker.scratch is not None:
-        worker.scratch.remove()
+    return ModelWorker(cfg.model_dump_json(), 1 << 20)
 
 
 @pytest.fixture
@@ -262,6 +267,52 @@ def result_of(worker, blob: bytes) -> dict:
     assert items[-1][0] == "done", items[-1]
     data = b"".join(item[1] for item in items if item[0] == "chunk")
     return torch.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), weights_only=False)
+
+
+def test_an_uncompressed_result_streams_in_chunks_as_it_is_encoded(site) -> None:
+    """Uncompressed results are cut while torch.save writes them (chunking.py): the chunks
+    add up to exactly what the client loads, "done" names their size and sha256."""
+    worker, meta, weights = site
+    real = load(TINY_GPT2, home=weights.parents[2], dispatch=True)
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        hidden = meta.transformer.h[0].output.save()
+        logits = meta.lm_head.output.save()
+        ones = torch.ones(3 * 2**18 + 5).save()  # 3 MiB and a bit: four 1 MiB chunks
+    blob = zstandard.ZstdDecompressor().decompress(cap.blob)  # as sent with COMPRESS off
+    items = list(worker.execute(blob, False, json.dumps({})))
+    chunks = [bytes(item[1]) for item in items if item[0] == "chunk"]
+    assert items[-1][0] == "done", items[-1]
+    data = b"".join(chunks)
+    assert len(chunks) == 4 and all(len(c) == 1 << 20 for c in chunks[:-1])
+    assert items[-1][1]["total_bytes"] == len(data)
+    assert items[-1][1]["sha256"] == hashlib.sha256(data).hexdigest()
+    remote = torch.load(io.BytesIO(data), weights_only=False)
+    with real.trace(PROMPT):
+        local_hidden = real.transformer.h[0].output.save()
+        local_logits = real.lm_head.output.save()
+    assert torch.equal(remote["hidden"], local_hidden)
+    assert torch.equal(remote["logits"], local_logits)
+    assert torch.equal(remote["ones"], torch.ones(3 * 2**18 + 5))
+
+
+def test_a_job_that_changes_the_model_ends_in_error_after_its_streamed_chunks(site) -> None:
+    """Chunks flow before the isolation check; the check still decides: "error", never
+    "done", so the broker drops what arrived (and the worker asks to be replaced)."""
+    _, meta, weights = site
+    worker = tiny_worker(weights)  # this job taints its worker: not the shared one
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        meta.transformer.h[0].mlp.c_fc.weight.data[0, 0] = 1e9
+        hidden = meta.transformer.h[0].output.save()
+    blob = zstandard.ZstdDecompressor().decompress(cap.blob)
+    items = list(worker.execute(blob, False, json.dumps({})))
+    assert items[-1][0] == "error" and items[-1][-1] is True, items[-1]
+    assert "changed state shared" in items[-1][2]
+    assert not any(item[0] == "done" for item in items)
+    worker._thread.shutdown()
+    if worker.scratch is not None:
+        worker.scratch.remove()
 
 
 def test_interpretability_jobs_still_match_local_on_the_contained_worker(site) -> None:
