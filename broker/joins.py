@@ -30,6 +30,7 @@ Tokens are never logged; only site names are.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -99,19 +100,27 @@ class SiteRegistrar:
         embedded: Catalog | None,
         consul_address: str | None = None,
         tls_pins: SiteTlsPins | None = None,
+        revoked: Callable[[str], bool] | None = None,
     ) -> None:
         self._settings = settings
         self._tls_pins = tls_pins
         self._keystore = keystore
         self._issuer = TokenIssuer(keystore, settings.issuer, clock)
+        # `edif token revoke` applies to join tokens and site credentials as to researchers'
+        # tokens: a revoked credential can no longer rejoin, renew, register or heartbeat.
         self._join_verifier = TokenVerifier(
-            keystore, issuer=settings.issuer, audience=settings.audience, clock=clock
+            keystore,
+            issuer=settings.issuer,
+            audience=settings.audience,
+            clock=clock,
+            revoked=revoked,
         )
         self._credential_verifier = TokenVerifier(
             keystore,
             issuer=settings.issuer,
             audience=settings.site_credential_audience,
             clock=clock,
+            revoked=revoked,
         )
         self._embedded = embedded
         self._catalog_info = (

@@ -147,7 +147,18 @@ def build_app(
     if settings.metrics_enabled:
         add_telemetry_routes(app, telemetry)
     embedded = registry if isinstance(registry, EmbeddedCatalog) else None
-    add_join_routes(app, SiteRegistrar(keystore, settings, clock, embedded, consul.addr, tls_pins))
+    add_join_routes(
+        app,
+        SiteRegistrar(
+            keystore,
+            settings,
+            clock,
+            embedded,
+            consul.addr,
+            tls_pins,
+            revoked=revocations.is_revoked,
+        ),
+    )
     add_admin_api_routes(app, quotas, verifier, audit)
     add_dashboard_routes(app, quotas, verifier, audit, service.deployments, clock)
     app.state.service = service

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import jwt
 import pytest
 from broker_fakes import settings_for
 from fastapi.testclient import TestClient
 
 from auth.keys import KeyStore
+from auth.revocation import RevocationList
 from auth.roles import Role
 from auth.tokens import TokenIssuer
 from broker.main import build_app
@@ -90,3 +92,25 @@ def test_broker_ca_bundle_wins_over_the_pin(tmp_path) -> None:
     security = pins.channel_security("site-x")
     assert security.root_pem == bundle.read_bytes() and str(bundle) in security.source
     assert pins.channel_security("site-y") is None  # never joined with TLS: plaintext
+
+
+def test_a_revoked_credential_or_join_token_is_refused(setup) -> None:
+    """`edif token revoke` (auth.revocation) applies to a site's join token and credential."""
+    client, issuer, clock, settings = setup
+    join_token = issuer.issue("site:site-x", Role.SITE, 900, site="site-x")
+    credential = client.post("/sites/join", json=BODY, headers=_auth(join_token)).json()[
+        "credential"
+    ]
+    renewed = client.post("/sites/site-x/rejoin", json=BODY, headers=_auth(credential))
+    assert renewed.status_code == 200
+    revocations = RevocationList(settings.keys_dir, clock)
+    for token in (credential, join_token):
+        claims = jwt.decode(token, options={"verify_signature": False})
+        revocations.revoke(claims["jti"], claims["exp"])
+    refused = client.post("/sites/site-x/rejoin", json=BODY, headers=_auth(credential))
+    assert refused.status_code == 401 and "revoked" in refused.text
+    assert client.post("/sites/site-x/heartbeat", headers=_auth(credential)).status_code == 401
+    assert client.post("/sites/join", json=BODY, headers=_auth(join_token)).status_code == 401
+    # A credential the broker issued before the revocation is not revoked with it.
+    other = renewed.json()["credential"]
+    assert client.post("/sites/site-x/rejoin", json=BODY, headers=_auth(other)).status_code == 200
