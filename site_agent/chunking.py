@@ -10,8 +10,9 @@ the whole result, so chunk buffers are freed and their memory reused as they go.
 Flow: `torch.save` → `ChunkCutter.write` (copies into `chunk_bytes` buffers, hashes) → each
 full buffer to `emit` (the worker queues it for Ray) → `close()` emits the last, short one.
 `InFlight` bounds how many chunks wait between the job thread and Ray: the cutter waits for
-a slot, the worker frees one once Ray has stored the chunk; the wait is bounded, so a stalled
-consumer slows the job thread down but can never hang it.
+a slot, the worker frees one once Ray has stored the chunk. The wait is bounded, so a stalled
+consumer slows the job thread down but can never hang it, and once the worker's generator is
+closed (nobody reads on) nothing waits at all.
 
 Compressed results do not stream: the client needs zstd's one-shot frame, whose header holds
 the content size (site_agent/encoding.py).
@@ -36,16 +37,26 @@ class InFlight:
         self._wait_s = wait_s
         self._count = 0
         self._changed = threading.Condition()
+        self._closed = False
 
     def enter(self) -> None:
         with self._changed:
-            self._changed.wait_for(lambda: self._count < self._limit, timeout=self._wait_s)
+            self._changed.wait_for(self._has_room, timeout=self._wait_s)
             self._count += 1  # also past a timeout: late beats never
 
     def leave(self) -> None:
         with self._changed:
             self._count = max(0, self._count - 1)
             self._changed.notify()
+
+    def close(self) -> None:
+        """The reader is gone: `enter` stops waiting, for good."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def _has_room(self) -> bool:
+        return self._closed or self._count < self._limit
 
 
 class ChunkCutter:

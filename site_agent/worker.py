@@ -166,10 +166,13 @@ class ModelWorker:
         in_flight = InFlight()
         env = json.loads(env_json or "{}")
         self._thread.submit(self._run, payload, compress, env, updates, in_flight)
-        while (item := updates.get()) is not _END:
-            yield item
-            if item[0] == "chunk":  # Ray has stored it by the time the generator resumes
-                in_flight.leave()
+        try:
+            while (item := updates.get()) is not _END:
+                yield item
+                if item[0] == "chunk":  # Ray has stored it by the time the generator resumes
+                    in_flight.leave()
+        finally:
+            in_flight.close()  # nobody reads on (closed early): the job thread must not wait
 
     def _run(
         self, payload: bytes, compress: bool, env: dict, updates: queue.Queue, in_flight: Any

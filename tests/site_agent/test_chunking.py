@@ -76,3 +76,15 @@ def test_a_stalled_consumer_slows_the_cutter_but_never_hangs_it() -> None:
     cutter = ChunkCutter(1, lambda buf: sent.append(buf[0]), in_flight)
     cutter.write(bytes(range(4)))  # nobody ever calls leave()
     assert sent == [0, 1, 2, 3]
+
+
+def test_once_the_reader_is_gone_the_cutter_never_waits() -> None:
+    in_flight = InFlight(limit=1, wait_s=60)
+    sent: list[int] = []
+    cutter = ChunkCutter(1, lambda buf: sent.append(buf[0]), in_flight)
+    cutter.write(b"\x00")
+    in_flight.close()  # the worker's generator was closed: no leave() will come
+    writer = threading.Thread(target=cutter.write, args=(bytes(range(1, 4)),))
+    writer.start()
+    writer.join(10)
+    assert not writer.is_alive() and sent == [0, 1, 2, 3]
