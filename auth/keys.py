@@ -76,6 +76,19 @@ def create_private_file(path: Path, data: bytes) -> bool:
     Returns True if this call created it, False if the file was already there (another
     process won the race; the caller then reads theirs).
     """
+    tmp = _synced_temp(path, data)
+    try:
+        # link, not rename: rename would silently replace a file another process made.
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+def _synced_temp(path: Path, data: bytes) -> str:
+    """A new 0600 file beside `path` holding `data`, on disk (fsynced); the caller places it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -83,14 +96,10 @@ def create_private_file(path: Path, data: bytes) -> bool:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            # link, not rename: rename would silently replace a file another process made.
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
+    except BaseException:
         os.unlink(tmp)
+        raise
+    return tmp
 
 
 class KeyStore:
@@ -254,13 +263,8 @@ class KeyStore:
 
 def replace_private_file(path: Path, data: bytes) -> None:
     """Replace `path` (0600) with `data` atomically and durably: readers see old or new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    tmp = _synced_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -124,14 +124,17 @@ class GrpcSiteClient:
     def _execute_method(self, site: str) -> grpc.aio.UnaryStreamMultiCallable:
         """`Execute`, reading result chunks as views into the received messages
         (`proto.chunks`: no protobuf copies of the result's bytes)."""
-        self._stub(site)  # opens (or replaces) the site's channel
-        return self._channels[site].unary_stream(
+        return self._channel(site).unary_stream(
             EXECUTE_METHOD,
             request_serializer=pb.ExecuteRequest.SerializeToString,
             response_deserializer=parse_update,
         )
 
     def _stub(self, site: str) -> pb_grpc.SiteAgentStub:
+        return pb_grpc.SiteAgentStub(self._channel(site))
+
+    def _channel(self, site: str) -> grpc.aio.Channel:
+        """The site's channel, opened on first use and replaced when its trust changed."""
         address = self._addresses.get(site)
         if address is None:
             raise SiteUnavailable(f"Site {site!r} is not configured on this broker.")
@@ -145,7 +148,7 @@ class GrpcSiteClient:
             channel = _open_channel(address, security, self._options)
             self._channels[site] = channel
             self._security[site] = security
-        return pb_grpc.SiteAgentStub(channel)
+        return channel
 
     def _unavailable(
         self, site: str, error: grpc.aio.AioRpcError, level: int = logging.WARNING
