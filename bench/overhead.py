@@ -74,7 +74,7 @@ SITE = "bench"
 PROMPT = "The capital of France is"  # 8 tokens with the demo tokenizer
 PROMPT_10 = "The capital of germany is berlin"  # 10 tokens with the demo tokenizer
 SAVED_LAYER = {TINY: 1, SMALL: 5}
-SECTIONS = ("latency", "delivery", "slice", "hops")
+SECTIONS = ("latency", "delivery", "slice", "hops", "ideal")
 TORCH_THREADS = 1  # the site config's torch_threads, and the local reference's
 
 SITE_YAML = """\
@@ -310,6 +310,8 @@ def timed_backend_class() -> type:
             self.delivery = ""
             self.result_url = ""
             self.seen_job_id: str | None = None
+            self.keep_blob = False  # the ideal section replays the exact result bytes
+            self.blob: bytes | None = None
 
         def _mark(self, name: str) -> None:
             self.marks.setdefault(name, time.perf_counter())
@@ -351,6 +353,8 @@ def timed_backend_class() -> type:
         def finalize(self, content: bytes) -> Any:
             self._mark("finalize_start")
             self.blob_bytes = len(content)
+            if self.keep_blob:
+                self.blob = content
             result = super().finalize(content)
             self._mark("finalize_done")
             return result
@@ -392,8 +396,8 @@ class Client:
         self.config.API.HOST = self.mesh.urls[broker]
         self.config.API.COMPRESS = compress
 
-    def timed(self, model: Any) -> Any:
-        return self.Timed(model.to_model_key(), env=model._remoteable_get_env())
+    def timed(self, model: Any, host: str | None = None) -> Any:
+        return self.Timed(model.to_model_key(), host=host, env=model._remoteable_get_env())
 
 
 def small_trace(model: Any, layer: int, **kw: Any) -> tuple[dict, Any]:
@@ -636,9 +640,9 @@ def bench_floor(client: Client, runs: int) -> dict[str, Any]:
 # -- 2. result delivery -----------------------------------------------------------------------
 
 
-def run_ones(client: Client, n: int) -> dict[str, Any]:
+def run_ones(client: Client, n: int, host: str | None = None) -> dict[str, Any]:
     model = client.remote[TINY]
-    backend = client.timed(model)
+    backend = client.timed(model, host)
     wall, out, _ = clock(lambda: ones_trace(model, n, backend=backend))
     if out["x"].numel() != n:  # a correctness check, not a timing one
         raise RuntimeError(f"the saved tensor came back with {out['x'].numel()} elements")
@@ -772,6 +776,142 @@ def bench_delivery(client: Client, quick: bool, big: bool, runs: int) -> list[di
         speed = rows[-1]["mb_per_s"]
         print(f"  delivery {label:>6} via {broker:<14} {speed:8.1f} MB/s", flush=True)
     return rows
+
+
+# -- 5. against a server that does nothing: the mesh's share as the client sees it --------------
+
+
+class IdealBroker:
+    """`bench/ideal_broker.py` in a child process of the mesh (stopped with it)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        from edif.up import free_port
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, str(REPO / "bench" / "ideal_broker.py"), "--port", str(port)]
+        proc = mesh._spawn("ideal-broker", argv, mesh._env())
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/ping", timeout=5).status_code == 200:
+                    return
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the ideal broker did not start; see {mesh.logs}")
+            time.sleep(0.1)
+
+    def can(self, blob: bytes, via: str, statuses: list[str]) -> None:
+        """Answer every request from now on with `blob`, after `statuses`, `via` inline|url."""
+        params = {"via": via, "statuses": ",".join(statuses)}
+        httpx.put(
+            f"{self.url}/_canned", params=params, content=blob, timeout=120
+        ).raise_for_status()
+
+
+def statuses_seen(backend: Any) -> list[str]:
+    """The non-terminal websocket statuses a run's client saw, in order (from its marks)."""
+    names = [key[3:] for key in backend.marks if key.startswith("ws_")]
+    return [name for name in names if name not in ("COMPLETED", "ERROR")]
+
+
+def ideal_latency(client: Client, ideal: IdealBroker, runs: int, warmups: int) -> dict[str, Any]:
+    """tiny-gpt2's small trace: local, remote (the mesh) and against the ideal server, which
+    replays the exact result bytes and status frames the mesh sent, interleaved."""
+    remote, local = client.remote[TINY], client.local[TINY]
+    layer = SAVED_LAYER[TINY]
+    client.use("default", compress=True)
+    probe = client.timed(remote)
+    probe.keep_blob = True
+    small_trace(remote, layer, backend=probe)
+    ideal.can(probe.blob, probe.delivery, statuses_seen(probe))
+    for _ in range(warmups):
+        small_trace(local, layer)
+        small_trace(remote, layer, remote=True)
+        small_trace(remote, layer, remote=ideal.url)
+    t_local, t_remote, t_ideal, execution = [], [], [], []
+    for _ in range(runs):
+        t, _out, _ = clock(lambda: small_trace(local, layer))
+        t_local.append(t)
+        t, _out, tracer = clock(lambda: small_trace(remote, layer, remote=True))
+        t_remote.append(t)
+        execution.append((tracer.backend.meta or {}).get("execution_s", float("nan")))
+        t, out, _ = clock(lambda: small_trace(remote, layer, remote=ideal.url))
+        t_ideal.append(t)
+    p50 = {
+        name: percentile(v, 50) * 1e3
+        for name, v in (
+            ("local", t_local),
+            ("remote", t_remote),
+            ("ideal", t_ideal),
+            ("exec", execution),
+        )
+    }
+    return {
+        "model": TINY,
+        "delivery": probe.delivery,
+        "statuses": statuses_seen(probe),
+        "result_bytes": len(probe.blob or b""),
+        "local_ms": summary(t_local, 1e3),
+        "remote_ms": summary(t_remote, 1e3),
+        "ideal_ms": summary(t_ideal, 1e3),
+        "site_execution_ms": summary(execution, 1e3),
+        "client_own_p50_ms": p50["ideal"] - p50["local"] + p50["exec"],
+        "mesh_over_ideal_p50_ms": p50["remote"] - p50["ideal"],
+        "fixed_overhead_p50_ms": p50["remote"] - p50["ideal"] - p50["exec"],
+    }
+
+
+def ideal_delivery(client: Client, ideal: IdealBroker, big: bool, quick: bool) -> list[dict]:
+    """The same `torch.ones(n)` results as section 2, served by the ideal server from memory:
+    what the unmodified client needs when no server costs anything (its download + load)."""
+    import io
+
+    client.use("default", compress=False)
+    sizes = [(1, "1 float", 10), (MiB, "1 MiB", 10), (64 * MiB, "64 MiB", 5)]
+    if big:
+        sizes.append((GiB, "1 GiB", 3))
+    rows, base_p50 = [], 0.0
+    for nbytes, label, n_runs in sizes:
+        buffer = io.BytesIO()
+        client.torch.save({"x": client.torch.ones(max(1, nbytes // 4))}, buffer)
+        ideal.can(buffer.getvalue(), "url", ["QUEUED", "DISPATCHED", "RUNNING"])
+        blob_bytes = buffer.tell()
+        del buffer
+        gc.collect()
+        n_runs = min(n_runs, 2) if quick else n_runs
+        samples = []
+        for i in range(n_runs + 1):  # the first is a warm-up
+            sample = run_ones(client, max(1, nbytes // 4), host=ideal.url)
+            if i:
+                samples.append(sample)
+        wall_p50 = percentile([s["wall_s"] for s in samples], 50)
+        if nbytes == 1:
+            base_p50 = wall_p50
+            continue
+        rows.append(
+            {
+                "size": label,
+                "tensor_bytes": nbytes,
+                "result_bytes": blob_bytes,
+                "runs": n_runs,
+                "wall_s": summary([s["wall_s"] for s in samples]),
+                "baseline_p50_s": base_p50,
+                "mb_per_s": nbytes / MB / (wall_p50 - base_p50),
+                "download_s_p50": p50_of(samples, "download_s"),
+                "finalize_s_p50": p50_of(samples, "finalize_s"),
+            }
+        )
+        print(f"  ideal server {label:>6}: {rows[-1]['mb_per_s']:8.1f} MB/s", flush=True)
+    ideal.can(b"", "inline", [])  # let the server drop the last blob
+    return rows
+
+
+def bench_ideal(client: Client, runs: int, warmups: int, big: bool, quick: bool) -> dict:
+    ideal = IdealBroker(client.mesh)
+    print(f"ideal server: tiny-gpt2 latency ({runs} runs) ...", flush=True)
+    latency = ideal_latency(client, ideal, runs, warmups)
+    print("ideal server: delivery ...", flush=True)
+    return {"latency": latency, "delivery": ideal_delivery(client, ideal, big, quick)}
 
 
 # -- 3. bytes of a saved slice ----------------------------------------------------------------
@@ -1162,12 +1302,39 @@ def print_hops(report: dict[str, Any]) -> None:
             print(f"    {name:<58}{value * 1e3:>10.1f} ms")
 
 
+def print_ideal(report: dict[str, Any]) -> None:
+    ideal = report["ideal"]
+    lat = ideal["latency"]
+    print("\n== 5. against the ideal server (answers at once with the mesh's own result bytes) ==")
+    print(
+        f"  {lat['model']}, {lat['delivery']}, statuses {','.join(lat['statuses'])}; p50 / p95 ms:"
+    )
+    for key, name in (("local_ms", "local"), ("remote_ms", "remote (mesh)"), ("ideal_ms", "ideal")):
+        print(f"    {name:<58}{lat[key]['p50']:>8.2f}{lat[key]['p95']:>8.2f}")
+    print(f"    {'site block execution (meta execution_s)':<58}", end="")
+    print(f"{lat['site_execution_ms']['p50']:>8.2f}")
+    print(f"    {'the client own cost (ideal - local + execution)':<58}", end="")
+    print(f"{lat['client_own_p50_ms']:>8.2f}")
+    print(f"    {'mesh over the ideal server (remote - ideal)':<58}", end="")
+    print(f"{lat['mesh_over_ideal_p50_ms']:>8.2f}")
+    print(f"    {'= broker + agent fixed overhead as the client sees it':<58}", end="")
+    print(f"{lat['fixed_overhead_p50_ms']:>8.2f}   (minus execution)")
+    print("  delivery by URL from the ideal server's memory (COMPRESS=False):")
+    for row in ideal["delivery"]:
+        print(
+            f"    {row['size']:>7}  wall p50 {row['wall_s']['p50']:.3f} s (base "
+            f"{row['baseline_p50_s']:.3f})  {row['mb_per_s']:8.1f} MB/s   download "
+            f"{_fmt(row['download_s_p50'])} s  load {_fmt(row['finalize_s_p50'])} s"
+        )
+
+
 def print_report(report: dict[str, Any]) -> None:
     printers = {
         "latency": print_latency,
         "delivery": print_delivery,
         "slice": print_slice,
         "hops": print_hops,
+        "ideal": print_ideal,
     }
     for key, printer in printers.items():
         if report.get(key):
@@ -1202,6 +1369,16 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
                     "target": "<= 15",
                     "met": fixed <= 15,
                 }
+    ideal = report.get("ideal") or {}
+    if ideal:
+        value = ideal["latency"]["fixed_overhead_p50_ms"]
+        name = "broker+agent fixed overhead p50, remote - ideal server - execution (ms)"
+        out[name] = {"measured": value, "target": "<= 15", "met": value <= 15}
+        for row in ideal["delivery"]:
+            if row["tensor_bytes"] == GiB:
+                value = row["mb_per_s"]
+                name = "1 GiB, the unmodified client alone (ideal server, MB/s)"
+                out[name] = {"measured": value, "target": ">= 500", "met": value >= 500}
     for row in report.get("delivery", []):
         if row["tensor_bytes"] == GiB:
             value = row["mb_per_s"]
@@ -1275,6 +1452,9 @@ def main(argv: list[str] | None = None) -> int:
             print("hops ...", flush=True)
             load["hops"] = os.getloadavg()
             report["hops"] = bench_hops(client, runs, args.big)
+        if "ideal" in sections:
+            load["ideal"] = os.getloadavg()
+            report["ideal"] = bench_ideal(client, runs, warmups, args.big, args.quick)
         load["end"] = os.getloadavg()
         report["targets"] = targets(report)
     finally:
