@@ -18,7 +18,7 @@ must, for the session id); the reply is RECEIVED, then the socket gets the statu
 bench saw from the real broker and COMPLETED: the blob inside a binary frame, or a URL that
 `GET` serves from memory in large pieces. No authentication, queueing, execution, storage or
 checks: that is the point. It runs on the broker's own HTTP stack (Starlette on uvicorn, the
-same `http`/`loop` choice), so the difference measures the mesh, not the framework.
+same `http`/`loop` implementations), so the difference measures the mesh, not the framework.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from broker.main import HTTP_IMPL, LOOP_IMPL
 
 PIECE_BYTES = 8 * 1024 * 1024  # one transport write per piece while serving a download
 DEFAULT_STATUSES = ("QUEUED", "DISPATCHED", "RUNNING")
@@ -140,7 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     state = State()
     state.base_url = f"http://{args.host}:{args.port}"
-    config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(
+        build_app(state),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        http=HTTP_IMPL,  # the broker's own choices, so the difference is the mesh's work
+        loop=LOOP_IMPL,
+    )
     uvicorn.Server(config).run()
 
 

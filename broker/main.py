@@ -220,9 +220,19 @@ class BrokerServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+# uvloop's event loop and the httptools parser, not asyncio's loop and h11: every job crosses
+# the loop a few dozen times (HTTP, websocket frames, gRPC, thread hand-offs), and against
+# bench/ideal_broker.py on the same stack they took ~2 ms off the broker + agent fixed
+# overhead per small job (16.8 -> 14.7 ms p50; docs/benchmarks.md section 1, run L).
+HTTP_IMPL = "httptools"
+LOOP_IMPL = "uvloop"
+
+
 def server_for(app: FastAPI, service: BrokerService, **options: object) -> BrokerServer:
     config = uvicorn.Config(
         app,
+        http=HTTP_IMPL,
+        loop=LOOP_IMPL,
         ws_ping_interval=20,  # protocol pings (payload < 126 bytes) keep idle sockets alive
         log_level="warning",
         timeout_graceful_shutdown=10,
