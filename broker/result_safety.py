@@ -5,11 +5,13 @@ could run code on every researcher's machine through a pickled result (spec §12
 therefore checks every result before it is offered, inline or by URL: the bytes must load with
 torch's restricted unpickler (tensors, containers, primitives). The check loads onto the `meta`
 device, so tensor data is never read: a 1 GiB result is checked in about a millisecond.
-Compressed results are first decompressed to a temporary file in a stream.
+Compressed results are first decompressed to a temporary file in a stream; a small result
+the broker holds in memory anyway (one it sends inline) is checked there, with no file.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import tempfile
 from pathlib import Path
@@ -44,11 +46,39 @@ def check_result_file(path: Path, compressed: bool, site: str) -> None:
         _check_plain(Path(plain.name), site)
 
 
-def _check_plain(path: Path, site: str) -> None:
+IN_MEMORY_MAX_BYTES = 64 * 1024 * 1024  # the most a check decompresses into memory
+
+
+def checkable_in_memory(data: bytes, compressed: bool) -> bool:
+    """Whether `check_result_bytes` may take `data`: its plain form is small and known.
+
+    A zstd frame that does not state its content size (the client could not load it either)
+    or states a large one is checked through a file, so a small frame never becomes a large
+    allocation."""
+    if not compressed:
+        return len(data) <= IN_MEMORY_MAX_BYTES
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        return False  # not zstd: the file check says so, with the usual refusal
+    return 0 <= size <= IN_MEMORY_MAX_BYTES
+
+
+def check_result_bytes(data: bytes, compressed: bool, site: str) -> None:
+    """`check_result_file` for a result in memory (see `checkable_in_memory`)."""
+    if compressed:
+        try:
+            data = zstandard.ZstdDecompressor().decompress(data)
+        except zstandard.ZstdError as exc:
+            raise UnsafeResult(_refusal(site, f"it is not valid zstd ({exc})")) from exc
+    _check_plain(io.BytesIO(data), site)
+
+
+def _check_plain(source: Path | io.BytesIO, site: str) -> None:
     import torch
 
     try:
-        result = torch.load(path, weights_only=True, map_location="meta")
+        result = torch.load(source, weights_only=True, map_location="meta")
     except Exception as exc:  # noqa: BLE001 - every failure to load as plain data is a refusal
         raise UnsafeResult(_refusal(site, _reason(exc))) from exc
     if not isinstance(result, dict):

@@ -25,6 +25,7 @@ import hmac
 import logging
 from collections.abc import Callable, Collection, Coroutine, Mapping
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 from broker import admission
@@ -38,7 +39,12 @@ from broker.modelkey import ModelKey, parse_model_key
 from broker.ports import Identity
 from broker.quotas import caps
 from broker.quotas.service import Admission, QuotaService
-from broker.result_safety import UnsafeResult, check_result_file
+from broker.result_safety import (
+    UnsafeResult,
+    check_result_bytes,
+    check_result_file,
+    checkable_in_memory,
+)
 from broker.results import ResultFile, ResultRef, ResultStore
 from broker.results.pipeline import BackgroundWriter
 from broker.routing import Route, choose_site
@@ -54,6 +60,8 @@ from proto import site_agent_pb2 as pb
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 60.0
+# An inline frame this small is pickled on the event loop (tens of µs): cheaper than a thread.
+_FRAME_ON_LOOP_BYTES = 256 * 1024
 SHUTDOWN_NOTICE_S = 5.0
 
 TEXT = {
@@ -399,9 +407,11 @@ class BrokerService:
         elif kind == "chunk":
             await result.write(update.chunk.data)
         elif kind == "done":
-            # fsync (disk) or completing a multipart upload (S3): not on the event loop
-            ref = await result.commit(update.done)
-            await self._complete(job, ref, update.done)
+            # fsync (disk) or completing a multipart upload (S3), then the safety check and,
+            # for an inline result, reading it back: one trip to a thread, not the loop
+            inline = self._inline_wanted(job, update.done.total_bytes)
+            ref, data = await result.commit(update.done, partial(self._checked, job, inline))
+            await self._complete(job, ref, update.done, data)
             return True
         elif kind == "error":
             raise _site_error(site, update.error)
@@ -431,8 +441,10 @@ class BrokerService:
         for line in text.splitlines() or [""]:
             await self._send(job, self._status(job, WireStatus.LOG, line).to_json())
 
-    async def _complete(self, job: Job, ref: ResultRef, done: pb.ResultEnd) -> None:
-        await self._check_safe(job, ref)
+    async def _complete(
+        self, job: Job, ref: ResultRef, done: pb.ResultEnd, data: bytes | None
+    ) -> None:
+        """Announce a committed, checked result: inline when `data` (its bytes) came along."""
         job.result = ref
         job.meta.update(
             execution_s=round(done.execution_s, 6),
@@ -442,11 +454,13 @@ class BrokerService:
         text = TEXT[JobState.COMPLETED]
         message = self._status(job, WireStatus.COMPLETED, text, data=self._result_url(job, ref))
         frame: str | bytes = message.to_json()
-        if ref.size <= self._settings.inline_max_bytes and self._listening(job):
+        if data is not None and self._listening(job):
             # Prepared before the state changes: once COMPLETED, nothing else may be sent.
             inline = message.model_copy(update={"data": None})
-            data = await asyncio.to_thread(self._results.read, ref)
-            frame = await asyncio.to_thread(binary_frame, inline, data)
+            if len(data) <= _FRAME_ON_LOOP_BYTES:
+                frame = binary_frame(inline, data)
+            else:
+                frame = await asyncio.to_thread(binary_frame, inline, data)
         job.advance(JobState.COMPLETED, self._clock.monotonic())
         job.record(message)
         await self._persist(job)  # before the client hears of it: a restart must not rerun it
@@ -455,19 +469,25 @@ class BrokerService:
         self._observer.delivering(job, inline=isinstance(frame, bytes))
         await self._send(job, frame, final=True)
 
-    async def _check_safe(self, job: Job, ref: ResultRef) -> None:
-        """Refuse a result that is not plain data before any client can load it (inline or URL)."""
+    def _inline_wanted(self, job: Job, size: int) -> bool:
+        return size <= self._settings.inline_max_bytes and self._listening(job)
 
-        def check() -> None:
-            with self._results.local_file(ref) as path:  # object storage: a temporary copy
-                check_result_file(path, job.submission.compress, job.site or "?")
-
+    def _checked(self, job: Job, inline: bool, ref: ResultRef) -> bytes | None:
+        """Refuse a result that is not plain data before any client can load it (inline or URL);
+        the bytes of one to send inline. Runs on the commit's thread (blocking I/O)."""
+        compressed, site = job.submission.compress, job.site or "?"
         try:
-            await asyncio.to_thread(check)
+            data = self._results.read(ref) if inline else None
+            if data is not None and checkable_in_memory(data, compressed):
+                check_result_bytes(data, compressed, site)
+            else:
+                with self._results.local_file(ref) as path:  # object storage: a temporary copy
+                    check_result_file(path, compressed, site)
         except UnsafeResult:
             log.warning("job %s: unsafe result from site %s refused", job.id, job.site)
             self._results.discard(ref.job_id)
             raise
+        return data
 
     async def _fail(self, job: Job, description: str) -> None:
         """End the job with ERROR, unless it already ended (exactly one terminal status)."""
@@ -711,10 +731,13 @@ class _PendingResult:
             caps.check_result(self._received, self._limit)
         await self._writer.write(chunk)
 
-    async def commit(self, done: pb.ResultEnd) -> ResultRef:
+    async def commit(
+        self, done: pb.ResultEnd, then: Callable[[ResultRef], bytes | None]
+    ) -> tuple[ResultRef, bytes | None]:
+        """Commit, then `then(ref)` on the commit's thread (see `BackgroundWriter.commit`)."""
         if self._limit is not None:
             caps.check_result(max(done.total_bytes, self._received), self._limit)
-        return await self._writer.commit(done.total_bytes, done.sha256 or None)
+        return await self._writer.commit(done.total_bytes, done.sha256 or None, then)
 
     def abort(self) -> None:
         self._writer.abort()

@@ -189,6 +189,8 @@ class PoolExecutor:
                     item = await asyncio.wait_for(anext(stream), deadline - time.monotonic())
                 except StopAsyncIteration:
                     return
+                if item[0] == "done" and len(item) > 2:  # the result's last chunk rode along
+                    yield ChunkUpdate(item[2])
                 update = _translate(item)
                 if update.HasField("done"):
                     slot.record_execution(time.monotonic() - started)

@@ -8,9 +8,10 @@ and the model's interleaver are process-wide (spec §11.6).
 
 `execute` is a generator: Ray streams each yielded item back to the agent as it is produced,
 so LOG lines arrive while the block runs and a large result arrives in chunks.
-Items: ("running",) · ("log", text) · ("chunk", buffer) · ("done", meta) ·
+Items: ("running",) · ("log", text) · ("chunk", buffer) · ("done", meta[, buffer]) ·
 ("error", kind, text) · ("error", kind, text, True): the job changed shared state and the
-agent must replace this worker before its next job.
+agent must replace this worker before its next job. A buffered (compressed) result's last
+chunk rides on "done" (a small result then costs one Ray item, not two).
 
 Sandbox (layers 2 to 4; layer 1 is the source check in `run_request`, against the site's own
 policy, `sandbox_policy.py`): after the model has loaded, the job thread confines its writes
@@ -222,25 +223,25 @@ class ModelWorker:
             updates.put(_END)
             return
         try:
+            last: tuple = ()
             if cutter is not None:
                 total, sha256 = cutter.total, cutter.sha256
             else:
                 data = memoryview(out.result_bytes)
-                for start in range(0, len(data), self.chunk_bytes):
-                    updates.put(("chunk", _zero_copy(data[start : start + self.chunk_bytes])))
+                starts = range(0, len(data), self.chunk_bytes)
+                pieces = [_zero_copy(data[i : i + self.chunk_bytes]) for i in starts]
+                for piece in pieces[:-1]:
+                    updates.put(("chunk", piece))
+                last = tuple(pieces[-1:])
                 total, sha256 = len(data), hashlib.sha256(data).hexdigest()
-            updates.put(
-                (
-                    "done",
-                    {
-                        "total_bytes": total,
-                        "sha256": sha256,
-                        "execution_s": out.execution_s,
-                        "peak_memory_bytes": out.peak_memory_bytes,
-                        "deserialize_s": out.deserialize_s,
-                        "encode_s": out.encode_s,
-                    },
-                )
-            )
+            meta = {
+                "total_bytes": total,
+                "sha256": sha256,
+                "execution_s": out.execution_s,
+                "peak_memory_bytes": out.peak_memory_bytes,
+                "deserialize_s": out.deserialize_s,
+                "encode_s": out.encode_s,
+            }
+            updates.put(("done", meta, *last))
         finally:
             updates.put(_END)

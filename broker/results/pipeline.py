@@ -22,8 +22,11 @@ import asyncio
 import collections
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 from broker.results.base import ResultRef, ResultWriter
+
+T = TypeVar("T")
 
 INLINE_BYTES = 256 * 1024  # a result this small costs less to write than a hop to a thread
 MAX_PENDING_BYTES = 16 * 1024 * 1024  # two 8 MiB chunks: little left to write at ResultEnd
@@ -62,15 +65,27 @@ class BackgroundWriter:
         while self._pending_bytes > self._max_pending:
             await self._wait_oldest()
 
-    async def commit(self, expected_size: int | None, expected_sha256: str | None) -> ResultRef:
-        """Wait for every chunk, then commit (size, sha256, fsync, publish) off the loop.
+    async def commit(
+        self,
+        expected_size: int | None,
+        expected_sha256: str | None,
+        then: Callable[[ResultRef], T] = lambda ref: None,
+    ) -> tuple[ResultRef, T]:
+        """Wait for every chunk, then commit (size, sha256, fsync, publish) off the loop, and
+        run `then(ref)` on the same thread: what follows a commit (the safety check, reading
+        a small result back) costs no second hop to a thread and back.
 
         If a chunk failed, that error is raised and the caller must `abort`."""
         while self._pending:
             await self._wait_oldest()
         writer, self._writer = self._opened(), None
+
+        def commit_then() -> tuple[ResultRef, T]:
+            ref = writer.commit(expected_size, expected_sha256)
+            return ref, then(ref)
+
         try:
-            return await asyncio.to_thread(writer.commit, expected_size, expected_sha256)
+            return await asyncio.to_thread(commit_then)
         finally:
             self._stop()
 

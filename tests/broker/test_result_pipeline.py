@@ -54,9 +54,25 @@ async def test_large_chunks_land_in_order_off_the_loop_and_commit_checks_them(tm
     for chunk in chunks:
         await writer.write(chunk)
     whole = b"".join(chunks)
-    ref = await writer.commit(len(whole), hashlib.sha256(whole).hexdigest())
+    ref, _ = await writer.commit(len(whole), hashlib.sha256(whole).hexdigest())
     assert ref.size == len(whole) and ref.sha256 == hashlib.sha256(whole).hexdigest()
     assert store.read(ref) == whole
+
+
+async def test_what_follows_the_commit_runs_after_it_off_the_loop_and_is_returned() -> None:
+    fake = RecordingWriter()
+    writer = BackgroundWriter(lambda: fake, inline_bytes=10)
+    await writer.write(b"x" * 100)
+    seen: list[tuple[ResultRef, str, list]] = []
+
+    def then(ref: ResultRef) -> str:
+        seen.append((ref, threading.current_thread().name, list(fake.events)))
+        return "checked"
+
+    ref, value = await writer.commit(None, None, then=then)
+    assert value == "checked" and seen[0][0] is ref
+    assert seen[0][2][-1] == ("commit", None)  # after the commit, never before
+    assert seen[0][1] != threading.current_thread().name
 
 
 async def test_chunks_go_to_one_thread_not_the_event_loop() -> None:

@@ -30,6 +30,10 @@ class FakeWorker:
         if payload == b"die":
             raise WorkerDied("ActorDiedError")
         yield ("log", f"worker {self.number}")
+        if payload == b"folded":  # a buffered result's last chunk rides on "done"
+            yield ("chunk", b"ab")
+            yield ("done", {"total_bytes": 3, "sha256": "x", "execution_s": 0.01}, b"c")
+            return
         yield ("chunk", b"abc")
         yield ("done", {"total_bytes": 3, "sha256": "x", "execution_s": 0.01})
 
@@ -75,6 +79,14 @@ async def test_job_streams_status_log_chunks_and_end() -> None:
     assert updates[0].status.phase == pb.QUEUED and updates[1].status.phase == pb.RUNNING
     assert updates[3].chunk.data == b"abc"
     assert executor.slots[GPT2.model_key].recent_execution_s > 0
+
+
+async def test_a_chunk_riding_on_done_goes_out_before_the_end() -> None:
+    executor = make_executor(FakeFactory())
+    await executor.start()
+    updates = await collect(executor, job(b"folded"))
+    assert kinds(updates)[-3:] == ["chunk", "chunk", "done"]
+    assert b"".join(u.chunk.data for u in updates if u.HasField("chunk")) == b"abc"
 
 
 async def test_unknown_model_is_refused() -> None:

@@ -265,7 +265,8 @@ def result_of(worker, blob: bytes) -> dict:
     """Run a job on the worker and load its result as the client does."""
     items = list(worker.execute(blob, True, json.dumps({})))
     assert items[-1][0] == "done", items[-1]
-    data = b"".join(item[1] for item in items if item[0] == "chunk")
+    chunks = [item[1] for item in items if item[0] == "chunk"] + list(items[-1][2:])
+    data = b"".join(chunks)
     return torch.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), weights_only=False)
 
 
