@@ -34,6 +34,12 @@ with a 128 MiB inline limit → drive them all with the unmodified nnsight 0.8.1
    as a Ray driver; the site agent's gRPC `Execute` (broker credential, no broker); the broker
    driven by hand on a kept-alive HTTP client; the real nnsight client. Differences between
    neighbouring rows attribute the time to one hop each.
+5. ideal: the same client against `bench/ideal_broker.py`, a server that speaks the protocol
+   and does nothing else (it replays the exact result bytes and status frames the mesh sent).
+   Interleaved local / mesh / ideal runs of the small trace: the client's own cost, and the
+   broker + agent fixed overhead as the client sees it (mesh p50 - ideal p50 - the site's
+   block time); and `torch.ones(n)` results served from the ideal server's memory: how fast
+   the unmodified client can take 64 MiB and 1 GiB when no server costs anything.
 
 Prints a table; `--out` writes every figure as JSON. Figures go to docs/benchmarks.md.
 """

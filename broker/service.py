@@ -60,6 +60,9 @@ from proto import site_agent_pb2 as pb
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 60.0
+# States recorded without waiting for the store (see `_persist_soon`): losing such a record
+# changes nothing a restart does, and the first QUEUED and RUNNING are on every job's path.
+_RECORDED_IN_PASSING = frozenset({JobState.QUEUED, JobState.RUNNING})
 # An inline frame this small is pickled on the event loop (tens of µs): cheaper than a thread.
 _FRAME_ON_LOOP_BYTES = 256 * 1024
 SHUTDOWN_NOTICE_S = 5.0
@@ -595,8 +598,25 @@ class BrokerService:
         self._observer.advanced(job, to)
         message = self._status(job, WireStatus(to.value), text)
         job.record(message)
-        await self._persist(job)
+        if to in _RECORDED_IN_PASSING:
+            self._persist_soon(job)
+        else:
+            await self._persist(job)
         await self._send(job, message.to_json())
+
+    def _persist_soon(self, job: Job) -> None:
+        """Record a state whose loss a restart would not notice, without waiting for the store.
+
+        A recovered RECEIVED job is queued again as a QUEUED one is, and a DISPATCHED one is
+        cancelled at its site and queued again as a RUNNING one is, so nothing waits for these
+        writes; the store writes them in order, before any later (awaited) record. If another
+        instance owns the job by now, the next awaited record finds that out."""
+
+        def noted(saved: asyncio.Future[bool]) -> None:
+            if not saved.cancelled() and saved.exception() is not None:
+                log.warning("job %s: could not record its %s state", job.id, job.state)
+
+        self._store.save_soon(job).add_done_callback(noted)
 
     async def _publish(self, job: Job, message: StatusMessage) -> None:
         job.record(message)

@@ -22,7 +22,8 @@ NAMES=(nnsight transformers ray huggingface_hub hf-xet httpx2 httpcore2 truststo
   opentelemetry-semantic-conventions packaging pluggy prometheus_client protobuf py-consul
   pycparser pydantic pydantic-settings pydantic_core PyJWT pyseccomp pytest pytest-asyncio
   pytest-timeout python-dotenv python-multipart PyYAML sortedcontainers starlette
-  typing-inspection typing_extensions uvicorn websocket-client websockets zstandard Pygments
+  typing-inspection typing_extensions uvicorn uvloop httptools websocket-client websockets
+  zstandard Pygments
   tqdm requests urllib3 certifi idna charset-normalizer filelock fsspec regex wrapt psutil)
 pins=()
 for name in "${NAMES[@]}"; do

@@ -22,15 +22,19 @@ print("torch", torch.__version__, "transformers", transformers.__version__,
 print("landlock abi", abi_version(), detect())
 PY
 export EDIF_HOME=/tmp/edifhome
-timeout 330 python3 -m pytest -p no:cacheprovider -q -rA --model-device cuda --basetemp /tmp/pt \
-  tests/e2e/test_conformance.py >"$OUT/conformance-cuda.log" 2>&1
-rc=$?
-grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/conformance-cuda.log" | tail -60
-find /tmp/pt -path "*run/logs/*.log" | tar czf "$OUT/mesh-logs.tgz" -T - 2>/dev/null
-echo "conformance rc=$rc at $(($(date +%s) - T0)) s"
-[ "$rc" -ne 0 ] && exit "$rc"
+if [ "${CONFORMANCE:-1}" = 1 ]; then
+  timeout 330 python3 -m pytest -p no:cacheprovider -q -rA --model-device cuda --basetemp /tmp/pt \
+    tests/e2e/test_conformance.py >"$OUT/conformance-cuda.log" 2>&1
+  rc=$?
+  grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/conformance-cuda.log" | tail -60
+  find /tmp/pt -path "*run/logs/*.log" | tar czf "$OUT/mesh-logs.tgz" -T - 2>/dev/null
+  echo "conformance rc=$rc at $(($(date +%s) - T0)) s"
+  [ "$rc" -ne 0 ] && exit "$rc"
+fi
 [ "${BENCH:-1}" = 1 ] || exit 0
-timeout 390 python3 bench/overhead.py --runs 30 --sections delivery,latency --no-hops \
+# BENCH_SECTIONS=delivery,ideal: the mesh's 1 GiB next to the unmodified client's own ceiling.
+timeout "${BENCH_TIMEOUT:-390}" python3 bench/overhead.py --runs "${BENCH_RUNS:-30}" \
+  --sections "${BENCH_SECTIONS:-delivery,latency}" --no-hops \
   --out "$OUT/overhead-gpu-machine.json" >"$OUT/overhead-gpu-machine.log" 2>&1
 echo "bench rc=$? at $(($(date +%s) - T0)) s"
 grep -v "Writing\|Loading" "$OUT/overhead-gpu-machine.log" | tail -70

@@ -43,6 +43,13 @@ class DurableJobs:
         """Record the job's current state; False when another broker instance owns it now."""
         return await self._call(self._store.save, to_record(job), self.instance, self._clock.now())
 
+    def save_soon(self, job: Job) -> asyncio.Future[bool]:
+        """`save`, without waiting: the record is taken now and written after every earlier
+        call (one thread, in order), so a later awaited `save` lands after it."""
+        return asyncio.get_running_loop().run_in_executor(
+            self._thread, self._store.save, to_record(job), self.instance, self._clock.now()
+        )
+
     async def load(self, job_id: str) -> Job | None:
         """A job as stored (without its payload), or None."""
         record = await self._call(self._store.get, job_id)

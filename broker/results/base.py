@@ -73,6 +73,10 @@ class ResultFile:
 
 
 class ResultWriter(Protocol):
+    # True when `commit` is only a few local file operations (no fsync, no network), so a
+    # small result may be committed on the event loop instead of paying a hop to a thread.
+    commit_on_loop: bool
+
     @property
     def size(self) -> int: ...
 

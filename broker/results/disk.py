@@ -183,6 +183,7 @@ class _DiskWriter:
         sync: bool = True,
     ) -> None:
         self._sync = sync
+        self.commit_on_loop = not sync  # no fsync: create, write, rename, nothing that waits
         self._job_id = job_id
         self._partial = partial
         self._tally = tally

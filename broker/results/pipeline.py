@@ -13,7 +13,8 @@ sha256 are unchanged, and `commit` (the only way to a `ResultRef`) runs only aft
 chunk was written. A chunk the thread failed to write (a size cap, a full disk) fails a later
 `write` or the `commit`, so the job ends in ERROR exactly as before, a few chunks later at most.
 Small results (the common case) never start the thread: up to `inline_bytes` in all, chunks
-are written on the spot, as before.
+are written on the spot, as before, and where the store's commit waits for nothing (a disk
+store without fsyncs: `commit_on_loop`) they are committed on the spot too.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class BackgroundWriter:
             return ref, then(ref)
 
         try:
+            if self._thread is None and writer.commit_on_loop:
+                # A small result (written on the loop) in a store whose commit waits for
+                # nothing: cheaper here than a trip to a thread and back.
+                return commit_then()
             return await asyncio.to_thread(commit_then)
         finally:
             self._stop()

@@ -239,6 +239,8 @@ class S3ResultStore:
 
 
 class _S3Writer:
+    commit_on_loop = False  # completing a multipart upload is a network round trip
+
     def __init__(self, store: S3ResultStore, job_id: str, tally: Tally) -> None:
         self._store = store
         self._s3 = store._s3

@@ -198,3 +198,26 @@ def test_a_recorded_job_survives_sigkill_of_the_writer(tmp_path) -> None:
     assert store.counts() == {"RECEIVED": 20}
     assert store.payload("job-19") == b"p" * 1000
     store.close()
+
+
+async def test_a_save_not_waited_for_lands_before_a_later_save(tmp_path) -> None:
+    """`DurableJobs.save_soon` (QUEUED, RUNNING): the record is taken when it is called, and
+    the store writes it before anything recorded after it."""
+    from broker.jobstore import DurableJobs
+    from edif.clock import FakeClock
+
+    jobs = DurableJobs(SqliteJobStore(tmp_path / "jobs.sqlite3"), "a", FakeClock(), LEASE_S)
+    job = make_job()
+    await jobs.create(job)
+    job.advance(JobState.QUEUED, 1.0)
+    queued = jobs.save_soon(job)
+    job.advance(JobState.DISPATCHED, 2.0)  # changed after the call: the write must not see it
+    assert await queued is True
+    assert (await jobs.load(job.id)).state is JobState.QUEUED
+    job.advance(JobState.RUNNING, 3.0)
+    running = jobs.save_soon(job)
+    job.advance(JobState.COMPLETED, 4.0)
+    assert await jobs.save(job) is True  # awaited after the unawaited one: lands last
+    assert await running is True
+    assert (await jobs.load(job.id)).state is JobState.COMPLETED
+    await jobs.close()

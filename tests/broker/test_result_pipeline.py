@@ -21,6 +21,8 @@ def _store(root: Path, max_bytes: int = 1 << 30) -> DiskResultStore:
 class RecordingWriter:
     """A ResultWriter that records what happened, on which thread, and can be held up."""
 
+    commit_on_loop = False
+
     def __init__(self, fail_at: int | None = None) -> None:
         self.events: list[tuple[str, bytes | None]] = []
         self.threads: set[str] = set()
@@ -160,3 +162,16 @@ def _threads_done() -> None:
     for thread in threading.enumerate():
         if thread.name.startswith("edif-result"):
             thread.join(5)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["no-fsync", "fsync"])
+async def test_a_small_result_commits_on_the_loop_only_where_commit_waits_for_nothing(
+    tmp_path, sync
+) -> None:
+    store = DiskResultStore(tmp_path, FakeClock(), ttl_s=3600, max_bytes=1 << 20, sync=sync)
+    writer = BackgroundWriter(lambda: store.begin("job1"))
+    await writer.write(b"small result")
+    ref, thread = await writer.commit(12, None, then=lambda ref: threading.current_thread().name)
+    on_loop = thread == threading.current_thread().name
+    assert on_loop is (not sync)
+    assert store.read(ref) == b"small result"
