@@ -9,7 +9,9 @@
 # most 64 MiB a call). libseccomp2 comes along as a .deb in case the image lacks it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY312=${PY312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
+# (A pyenv shim may exist and still fail: ask the interpreter itself where it is.)
+PY312=${PY312:-$(python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null ||
+  echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
 OUT=.devrun
 WHL=$(mktemp -d) SITE=$(mktemp -d)
 trap 'rm -rf "$WHL" "$SITE"' EXIT
