@@ -199,8 +199,9 @@ def serve_mesh(home: Path, sites_dir: Path, state_file: Path) -> None:
 class Mesh:
     """The mesh host process plus extra brokers; `stop()` ends everything it started."""
 
-    def __init__(self, home: Path, sites_dir: Path) -> None:
+    def __init__(self, home: Path, sites_dir: Path, traces: bool = True) -> None:
         self.home = home
+        self.write_traces = traces
         self.sites_dir = sites_dir
         self.logs = home / "bench-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -218,8 +219,9 @@ class Mesh:
         env["EDIF_BROKER_RESULT_TTL_S"] = "90"
         # The servers' own timestamps (broker.telemetry, site_agent.telemetry): the
         # server-side overhead in section 1 is read from these spans.
-        env["EDIF_BROKER_TRACES_FILE"] = str(self.traces / "broker-default.jsonl")
-        env["EDIF_AGENT_TRACES_FILE"] = str(self.traces / "agent.jsonl")
+        if self.write_traces:  # off: the servers as shipped (no span export), no span figures
+            env["EDIF_BROKER_TRACES_FILE"] = str(self.traces / "broker-default.jsonl")
+            env["EDIF_AGENT_TRACES_FILE"] = str(self.traces / "agent.jsonl")
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -259,9 +261,10 @@ class Mesh:
                 "EDIF_BROKER_SITES_FILE": str(self.home / "run" / "sites.yaml"),
                 "EDIF_BROKER_DATA_DIR": str(self.home / "run" / f"broker-{name}"),
                 "EDIF_BROKER_INLINE_MAX_BYTES": str(inline_max_bytes),
-                "EDIF_BROKER_TRACES_FILE": str(self.traces / f"broker-{name}.jsonl"),
             }
         )
+        if self.write_traces:
+            env["EDIF_BROKER_TRACES_FILE"] = str(self.traces / f"broker-{name}.jsonl")
         self._spawn(f"broker-{name}", [sys.executable, "-m", "edif", "broker", "run"], env)
         self.urls[name] = f"http://127.0.0.1:{port}"
 
@@ -1413,6 +1416,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
     )
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary EDIF_HOME")
+    parser.add_argument(
+        "--no-traces",
+        dest="traces",
+        action="store_false",
+        help="servers as shipped: no span files (and no server-side span figures)",
+    )
     parser.add_argument("--serve-mesh", nargs=3, metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_mesh:
@@ -1435,7 +1444,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building models under {home} ...", flush=True)
     tiny_dir = ensure_all(home)[TINY]
     small_dir = build_small_model(home)
-    mesh = Mesh(home, write_site(home, tiny_dir, small_dir))
+    mesh = Mesh(home, write_site(home, tiny_dir, small_dir), traces=args.traces)
     report: dict[str, Any] = {"machine": machine(), "runs": runs, "warmups": warmups}
     try:
         print("starting the mesh (broker + bench site + Ray) and two extra brokers ...", flush=True)

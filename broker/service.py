@@ -411,7 +411,8 @@ class BrokerService:
             await result.write(update.chunk.data)
         elif kind == "done":
             # fsync (disk) or completing a multipart upload (S3), then the safety check and,
-            # for an inline result, reading it back: one trip to a thread, not the loop
+            # for an inline result, reading it back: one trip to a thread (none for a small
+            # result whose store's commit waits for nothing, broker.results.pipeline)
             inline = self._inline_wanted(job, update.done.total_bytes)
             ref, data = await result.commit(update.done, partial(self._checked, job, inline))
             await self._complete(job, ref, update.done, data)

@@ -53,6 +53,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    # Ray starts its workers at nice 15 (its raylet and GCS stay responsive on a busy head
+    # node). Here the workers are the model workers, on every job's critical path: at nice 15
+    # any other process on the host takes the CPU from them first. Applies to clusters this
+    # process starts; a site's own cluster sets RAY_worker_niceness when it starts.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # A local cluster, or one on this host's loopback, stays on loopback: Ray would otherwise
     # bind and advertise the machine's interface address. Ray rewrites exactly "127.0.0.1" to
     # that interface address, so the node uses another loopback address.

@@ -58,3 +58,16 @@ def test_workers_hold_no_key_files_open(mesh) -> None:
             except OSError:
                 continue
             assert not target.startswith(str(keys)), f"worker {pid} has {target} open"
+
+
+def test_workers_run_at_normal_priority(mesh) -> None:
+    """Ray starts its workers at nice 15; a model worker is on every job's path, so the
+    clusters the agent or the demo start run them at 0 (site_agent/ray_pool.py)."""
+    ours = [
+        pid
+        for pid in _processes("ray::ModelWorker")
+        if _environ(pid).get("EDIF_HOME") == str(mesh.home)
+    ]
+    assert len(ours) >= 4, "expected one worker per demo deployment"
+    for pid in ours:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 0, f"worker {pid} runs niced"
