@@ -41,7 +41,7 @@ class DurableJobs:
 
     async def save(self, job: Job) -> bool:
         """Record the job's current state; False when another broker instance owns it now."""
-        return await self._call(self._store.save, to_record(job), self.instance, self._clock.now())
+        return await self.save_soon(job)
 
     def save_soon(self, job: Job) -> asyncio.Future[bool]:
         """`save`, without waiting: the record is taken now and written after every earlier
