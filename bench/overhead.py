@@ -30,10 +30,11 @@ with a 128 MiB inline limit → drive them all with the unmodified nnsight 0.8.1
    client actually received (the result blob handed to nnsight's `finalize`, the websocket
    binary frame when inline) and the broker's `meta["result_bytes"]`.
 4. where the time goes: one captured payload run with one hop more at a time — the worker's
-   own `run_request` in this process; a fresh `ModelWorker` Ray actor streamed to this process
-   as a Ray driver; the site agent's gRPC `Execute` (broker credential, no broker); the broker
-   driven by hand on a kept-alive HTTP client; the real nnsight client. Differences between
-   neighbouring rows attribute the time to one hop each.
+   own `run_request` in this process; a fresh `ModelWorker` Ray actor called as the agent
+   calls it (`RayWorkerHandle`), this process the Ray driver; the site agent's gRPC `Execute`
+   (broker credential, no broker); the broker driven by hand on a kept-alive HTTP client; the
+   real nnsight client. Differences between neighbouring rows attribute the time to one hop
+   each.
 5. ideal: the same client against `bench/ideal_broker.py`, a server that speaks the protocol
    and does nothing else (it replays the exact result bytes and status frames the mesh sent).
    Interleaved local / mesh / ideal runs of the small trace: the client's own cost, and the
@@ -1035,16 +1036,20 @@ class Hops:
         return {"run_request_s": mid - start, "sha256_and_chunks_s": end - mid, "bytes": chunks}
 
     def via_ray(self, payload: bytes, compress: bool) -> float:
-        gc.collect()
-        start = time.perf_counter()
-        stream = self.actor.execute.options(num_returns="streaming").remote(payload, compress, "{}")
-        for ref in stream:
-            item = self.ray.get(ref)
-            if item[0] in ("done", "error"):
+        """The job through the agent's own Ray calls (`RayWorkerHandle`), from this driver."""
+        import asyncio
+
+        from site_agent.ray_pool import RayWorkerHandle
+
+        async def drain() -> None:
+            async for item in RayWorkerHandle(self.actor).execute(payload, compress, "{}"):
                 if item[0] == "error":
                     raise RuntimeError(f"ray stage failed: {item}")
-                break
-            del item
+                del item
+
+        gc.collect()
+        start = time.perf_counter()
+        asyncio.run(drain())
         return time.perf_counter() - start
 
     def via_grpc(self, payload: bytes, compress: bool, key: str) -> float:

@@ -10,9 +10,9 @@ the whole result, so chunk buffers are freed and their memory reused as they go.
 Flow: `torch.save` → `ChunkCutter.write` (copies into `chunk_bytes` buffers, hashes) → each
 full buffer to `emit` (the worker queues it for Ray) → `close()` emits the last, short one.
 `InFlight` bounds how many chunks wait between the job thread and Ray: the cutter waits for
-a slot, the worker frees one once Ray has stored the chunk. The wait is bounded, so a stalled
-consumer slows the job thread down but can never hang it, and once the worker's generator is
-closed (nobody reads on) nothing waits at all.
+a slot, the worker frees one once Ray has stored the chunk (when the agent's next call
+arrives). The wait is bounded, so a stalled consumer slows the job thread down but can never
+hang it, and once the job is abandoned (nobody reads on) nothing waits at all.
 
 Compressed results do not stream: the client needs zstd's one-shot frame, whose header holds
 the content size (site_agent/encoding.py).

@@ -84,16 +84,38 @@ class RayWorkerHandle:
         self.actor = actor
 
     async def execute(self, payload: bytes, compress: bool, env_json: str) -> AsyncIterator[tuple]:
+        """The job's updates, fetched with plain actor calls (`ModelWorker.begin`/`more`).
+
+        RUNNING is announced as the job is handed over: the worker runs one job at a time and
+        the slot's lock makes this one next, so its own "running" need not make a round trip.
+        The next call goes out before a batch is relayed, so the worker never waits for the
+        agent's gRPC send to ask for more.
+        """
         from ray.exceptions import RayActorError
 
-        gen = self.actor.execute.options(num_returns="streaming").remote(
-            payload, compress, env_json
-        )
+        pending = self.actor.begin.remote(payload, compress, env_json)
+        ended = False
         try:
-            async for ref in gen:
-                yield await ref
+            yield ("running",)
+            while not ended:
+                batch = await pending
+                ended = any(item[0] in ("done", "error") for item in batch)
+                if not ended:
+                    pending = self.actor.more.remote()
+                for item in batch:
+                    if item[0] != "running":
+                        yield item
         except RayActorError as exc:
             raise WorkerDied(type(exc).__name__) from exc
+        finally:
+            if not ended:  # closed early (or the worker died): let its job thread finish
+                self._abandon()
+
+    def _abandon(self) -> None:
+        try:
+            self.actor.abandon.remote()  # runs after the call in flight (actor calls are ordered)
+        except Exception as exc:  # noqa: BLE001 - a dead actor has nothing to abandon
+            log.debug("abandon: %s", exc)
 
     def kill(self) -> None:
         import ray

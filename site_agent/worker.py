@@ -6,12 +6,16 @@ either: it verifies the broker with public keys only). Every job runs on the sam
 thread, because nnsight's trace depth and saved set are thread-local while its source caches
 and the model's interleaver are process-wide (spec §11.6).
 
-`execute` is a generator: Ray streams each yielded item back to the agent as it is produced,
-so LOG lines arrive while the block runs and a large result arrives in chunks.
+The agent drives a job with plain calls (`ray_pool.RayWorkerHandle`): `begin` starts it and
+returns its updates once one of them should travel (a LOG line, a full chunk, the end), and
+`more` returns the next ones, until the end; a job that ends within the first call (most small
+jobs) costs one Ray call. One plain call here takes about half the time of a Ray streaming
+generator call that yields twice (0.95 against 1.7 ms p50 on the 2-core VM; docs/benchmarks.md
+section 10). `execute` is the same job as one generator, for in-process use.
 Items: ("running",) · ("log", text) · ("chunk", buffer) · ("done", meta[, buffer]) ·
 ("error", kind, text) · ("error", kind, text, True): the job changed shared state and the
 agent must replace this worker before its next job. A buffered (compressed) result's last
-chunk rides on "done" (a small result then costs one Ray item, not two).
+chunk rides on "done".
 
 Sandbox (layers 2 to 4; layer 1 is the source check in `run_request`, against the site's own
 policy, `sandbox_policy.py`): after the model has loaded, the job thread confines its writes
@@ -34,15 +38,33 @@ import json
 import os
 import queue
 import sys
+import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from site_agent.config import ModelConfig
 
 _END = object()
 _REPLACING = "this model worker is being replaced after an earlier job; retry"
+# How long one `more` call waits for an update before it returns none (the agent calls again).
+LONG_POLL_S = 1.0
+
+
+@dataclass
+class _Job:
+    """One job's updates, as its job thread produces them, and the chunks not yet shipped."""
+
+    updates: queue.Queue = field(default_factory=queue.Queue)
+    in_flight: Any = None  # chunking.InFlight
+    returned_chunks: int = 0  # chunks the last `begin`/`more` returned, in Ray's store by the next
+
+    def shipped(self) -> None:
+        for _ in range(self.returned_chunks):
+            self.in_flight.leave()
+        self.returned_chunks = 0
 
 
 def _zero_copy(view: memoryview | bytearray) -> Any:
@@ -83,6 +105,7 @@ class ModelWorker:
         self.contained = self._thread.submit(self._contain).result()
         self._baseline = self._thread.submit(self._fingerprint).result()
         self._tainted = False
+        self._job: _Job | None = None  # the job `begin` started and `more` reads on
 
     def _contain(self) -> bool:
         """Contain the job thread for the rest of its life (after loading: that writes).
@@ -161,19 +184,72 @@ class ModelWorker:
         return {"pid": os.getpid(), "param_bytes": self.param_bytes, "contained": self.contained}
 
     def execute(self, payload: bytes, compress: bool, env_json: str) -> Iterator[tuple]:
+        """The whole job as one generator of updates (in-process use, tests)."""
+        job = self._start(payload, compress, env_json)
+        try:
+            while (item := job.updates.get()) is not _END:
+                yield item
+                if item[0] == "chunk":  # the consumer has it by the time the generator resumes
+                    job.in_flight.leave()
+        finally:
+            job.in_flight.close()  # nobody reads on (closed early): the job thread must not wait
+
+    def begin(
+        self, payload: bytes, compress: bool, env_json: str, wait_s: float = LONG_POLL_S
+    ) -> list[tuple]:
+        """Start a job; return its updates as soon as one should travel (see `_take`). A job
+        that ends within `wait_s` comes back whole, in this one call."""
+        self.abandon()
+        self._job = self._start(payload, compress, env_json)
+        return self._take(self._job, wait_s)
+
+    def more(self, wait_s: float = LONG_POLL_S) -> list[tuple]:
+        """The current job's next updates; [] when none came within `wait_s`."""
+        job = self._job
+        if job is None:
+            return [("error", "INTERNAL", "no job is running on this model worker")]
+        job.shipped()  # what the last call returned is in Ray's store: its chunks left here
+        return self._take(job, wait_s)
+
+    def abandon(self) -> None:
+        """Nobody reads the current job's updates any more: its job thread must not wait."""
+        if self._job is not None:
+            self._job.in_flight.close()
+            self._job = None
+
+    def _start(self, payload: bytes, compress: bool, env_json: str) -> _Job:
         from site_agent.chunking import InFlight
 
-        updates: queue.Queue = queue.Queue()
-        in_flight = InFlight()
+        job = _Job(in_flight=InFlight())
         env = json.loads(env_json or "{}")
-        self._thread.submit(self._run, payload, compress, env, updates, in_flight)
-        try:
-            while (item := updates.get()) is not _END:
-                yield item
-                if item[0] == "chunk":  # Ray has stored it by the time the generator resumes
-                    in_flight.leave()
-        finally:
-            in_flight.close()  # nobody reads on (closed early): the job thread must not wait
+        self._thread.submit(self._run, payload, compress, env, job.updates, job.in_flight)
+        return job
+
+    def _take(self, job: _Job, wait_s: float) -> list[tuple]:
+        """Wait (at most `wait_s`) for an update that should travel now, then take every update
+        queued. "running" alone does not travel (the agent said so when it called) and neither
+        does a short chunk (the result's last: only its end follows, and soon)."""
+        deadline = time.monotonic() + wait_s
+        items: list[tuple] = []
+        urgent = False
+        while True:
+            try:
+                timeout = max(0.0, deadline - time.monotonic())
+                item = job.updates.get(block=not urgent, timeout=timeout)
+            except queue.Empty:
+                break
+            if item is _END:
+                break
+            items.append(item)
+            tag = item[0]
+            if tag in ("done", "error"):  # the job's end: nothing it queues later counts
+                if self._job is job:
+                    self._job = None
+                break
+            if tag == "chunk":
+                job.returned_chunks += 1
+            urgent = urgent or tag == "log" or (tag == "chunk" and len(item[1]) >= self.chunk_bytes)
+        return items
 
     def _run(
         self, payload: bytes, compress: bool, env: dict, updates: queue.Queue, in_flight: Any

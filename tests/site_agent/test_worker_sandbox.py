@@ -372,3 +372,81 @@ def test_roots_of_ended_processes_are_removed_when_a_worker_starts(tmp_path: Pat
     box = Scratch.create(str(tmp_path))
     assert not dead.exists() and alive.exists() and other.exists()
     assert Path(box.root).name.startswith(f"{scratch.ROOT_PREFIX}{os.getpid()}-")
+
+
+# --- the agent's calls: begin / more ---------------------------------------------------------
+
+
+def calls(worker, blob: bytes, compress: bool) -> list[list[tuple]]:
+    """A job driven as the agent drives it over Ray: `begin`, then `more` until its end."""
+    batches = [worker.begin(blob, compress, json.dumps({}))]
+    while not any(item[0] in ("done", "error") for item in batches[-1]):
+        batches.append(worker.more())
+    return batches
+
+
+def test_a_small_job_comes_back_whole_from_one_call(site) -> None:
+    worker, meta, _ = site
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        logits = meta.lm_head.output.save()
+    (batch,) = calls(worker, cap.blob, True)
+    assert [item[0] for item in batch] == ["running", "done"]
+    assert len(batch[-1]) == 3  # the buffered result rides on "done"
+    assert worker.more() == [("error", "INTERNAL", "no job is running on this model worker")]
+
+
+def test_the_calls_deliver_what_the_generator_does(site) -> None:
+    """Uncompressed, several chunks: each full chunk travels at once, the short last one with
+    the end; the bytes are the generator's, and a printed line comes before the result."""
+    worker, meta, _ = site
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        print("hello from the block")
+        ones = torch.ones(3 * 2**18 + 5).save()  # four 1 MiB chunks, the last short
+    blob = zstandard.ZstdDecompressor().decompress(cap.blob)
+    batches = calls(worker, blob, False)
+    items = [item for batch in batches for item in batch]
+    assert len(batches) > 1  # the full chunks did not wait for the end
+    tags = [item[0] for item in items]
+    assert tags[0] == "running" and tags[-1] == "done"
+    assert tags.index("log") < tags.index("chunk")
+    got = b"".join(bytes(item[1]) for item in items if item[0] == "chunk")
+    reference = list(worker.execute(blob, False, json.dumps({})))
+    assert got == b"".join(bytes(item[1]) for item in reference if item[0] == "chunk")
+    assert items[-1][1]["sha256"] == hashlib.sha256(got).hexdigest()
+
+
+def test_a_short_result_does_not_travel_before_its_end(site) -> None:
+    """Uncompressed and under one chunk: the only chunk is the last, so it waits for "done"
+    (the isolation check) and the job still takes one call."""
+    worker, meta, _ = site
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        logits = meta.lm_head.output.save()
+    blob = zstandard.ZstdDecompressor().decompress(cap.blob)
+    (batch,) = calls(worker, blob, False)
+    assert [item[0] for item in batch] == ["running", "chunk", "done"]
+
+
+def test_an_abandoned_job_does_not_hold_up_the_next(site) -> None:
+    """The agent stopped reading mid-result (the broker went away): the next `begin` frees the
+    job thread, and the next job's updates are its own."""
+    worker, meta, _ = site
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        big = torch.ones(16 * 2**18).save()  # 16 chunks: more than may wait unshipped
+    blob = zstandard.ZstdDecompressor().decompress(cap.blob)
+    first = worker.begin(blob, False, json.dumps({}))
+    assert [item[0] for item in first][-1] == "chunk"
+    cap = Capture()
+    with meta.trace(PROMPT, backend=cap):
+        logits = meta.lm_head.output.save()
+    (batch,) = calls(worker, cap.blob, True)
+    assert [item[0] for item in batch] == ["running", "done"], batch
+    assert torch.equal(_load(batch)["logits"], result_of(worker, cap.blob)["logits"])
+
+
+def _load(batch: list[tuple]) -> dict:
+    data = zstandard.ZstdDecompressor().decompress(bytes(batch[-1][2]))
+    return torch.load(io.BytesIO(data), weights_only=False)
