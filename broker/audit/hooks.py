@@ -11,15 +11,22 @@ payload, the token, an error description (it may quote the user's code) or the r
 A failing audit write is logged as an error and does not fail the job: the chain stays whole
 (seqs are assigned at write), and losing the job over its paperwork would help nobody.
 
-With `background=True` (the broker's wiring) appends run on one writer thread in call order:
-an append fsyncs and re-signs the chain head (~5 ms), which must not stall the event loop that
-serves every client's websocket and POST. `close()` drains the queue at shutdown.
+With `background=True` (the broker's wiring) entries go to one writer thread, in call order,
+which writes them in batches: it waits `window_s` (0.2 s) after an entry arrives, then appends
+everything queued in one transaction with one signed head (`AuditLog.append_many`). One append
+fsyncs twice and re-signs the chain head; done per entry, that ran on the writer thread in the
+middle of every job and cost the next client ~3 ms of its ~40 (docs/benchmarks.md section 10),
+and under load it would be two fsyncs per job. An entry is written at most `window_s` after its
+event, later than before, and an entry still queued when the broker dies is lost either way.
+`close()` writes what is queued and stops the thread.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+import time
 from dataclasses import dataclass
 
 from broker.audit.model import AuditAction, AuditEvent
@@ -37,17 +44,36 @@ class _Live:
     bytes_in: int
 
 
+BATCH_WINDOW_S = 0.2
+_STOP = object()
+
+
 class JobAuditor:
-    def __init__(self, audit: AuditLog | None = None, *, background: bool = False) -> None:
+    def __init__(
+        self,
+        audit: AuditLog | None = None,
+        *,
+        background: bool = False,
+        window_s: float = BATCH_WINDOW_S,
+    ) -> None:
         self.log: AuditLog = audit or NullAuditLog()
         self._live: dict[str, _Live] = {}
+        self._window_s = window_s
         # One writer thread keeps entries in call order (the chain is sequential anyway).
-        self._writer = ThreadPoolExecutor(1, "edif-audit") if background else None
+        self._queue: queue.Queue | None = None
+        self._writer: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue()
+            self._writer = threading.Thread(target=self._write_batches, name="edif-audit")
+            self._writer.daemon = True
+            self._writer.start()
 
     def close(self) -> None:
-        """Write every queued entry, then stop the writer thread."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
+        """Write every queued entry, then stop the writer thread. Idempotent."""
+        if self._writer is not None and self._queue is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+            self._writer = None
 
     def submitted(self, job: Job, role: str) -> None:
         self._live[job.id] = _Live(role=str(role), bytes_in=len(job.payload))
@@ -96,13 +122,35 @@ class JobAuditor:
         )
 
     def _append(self, event: AuditEvent, job_id: str | None) -> None:
-        if self._writer is not None:
-            self._writer.submit(self._write, event, job_id)
+        if self._queue is not None and self._writer is not None:
+            self._queue.put((event, job_id))
         else:
-            self._write(event, job_id)
+            self._write([(event, job_id)])
 
-    def _write(self, event: AuditEvent, job_id: str | None) -> None:
+    def _write_batches(self) -> None:
+        """The writer thread: one batch per `window_s` at most, until `close`."""
+        assert self._queue is not None
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            batch = [] if first is _STOP else [first]
+            stopping = first is _STOP
+            deadline = time.monotonic() + self._window_s
+            while not stopping:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[tuple[AuditEvent, str | None]]) -> None:
         try:
-            self.log.append(event)
-        except Exception:  # the job goes on; the operator must see this
-            log.exception("audit: could not record %s for job %s", event.action, job_id or "-")
+            self.log.append_many([event for event, _ in batch])
+        except Exception:  # the jobs go on; the operator must see this
+            what = ", ".join(f"{event.action} for job {job_id or '-'}" for event, job_id in batch)
+            log.exception("audit: could not record %s", what)

@@ -10,8 +10,8 @@ Flow of `append`: pseudonymize the user under the active audit key (a fresh 16-b
 entry), then, holding a process lock and an flock on `audit/.lock` (the broker and `edif
 audit` may write at once), read the head, build and hash the body, insert it, commit, and
 re-sign `head.json`. `compact`, `erase` and `verify` take the same lock, so each sees a
-consistent database + head pair. The broker's hooks call this synchronously: one small
-transaction and one signature per entry.
+consistent database + head pair. `append_many` does the same for a batch: one transaction and
+one signature for all of its entries (the broker's hooks write batches, `broker.audit.hooks`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,6 +81,8 @@ CREATE INDEX IF NOT EXISTS accounting_pseudonym ON accounting(pseudonym);
 class AuditLog(Protocol):
     def append(self, event: AuditEvent) -> AuditEntry | None: ...
 
+    def append_many(self, events: Sequence[AuditEvent]) -> list[AuditEntry]: ...
+
     def entries(self, filter: AuditFilter | None = None) -> list[AuditEntry]: ...
 
     def verify(self) -> VerifyReport: ...
@@ -91,6 +93,9 @@ class NullAuditLog:
 
     def append(self, event: AuditEvent) -> AuditEntry | None:
         return None
+
+    def append_many(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        return []
 
     def entries(self, filter: AuditFilter | None = None) -> list[AuditEntry]:
         return []
@@ -150,6 +155,25 @@ class SqliteAuditLog:
     # -- writing -----------------------------------------------------------------------------
 
     def append(self, event: AuditEvent) -> AuditEntry:
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        """Append `events` in order: one transaction and one signed head for all of them (a
+        group commit: the fsyncs and the signature are paid once per batch, not per entry)."""
+        prepared = [self._fields(event) for event in events]
+        if not prepared:
+            return []
+        with self._locked(), self._transaction():
+            head = self._head()
+            entries = []
+            for fields, pseudonym, salt in prepared:
+                entry = self._append_locked(fields, pseudonym, salt, head)
+                head = (entry.seq, entry.hash)
+                entries.append(entry)
+            return entries
+
+    def _fields(self, event: AuditEvent) -> tuple[dict[str, Any], str | None, str | None]:
+        """The hashed body's fields of `event`, its pseudonym and salt (kept outside the body)."""
         kid = pseudonym = salt = None
         if event.user is not None:
             kid, pseudonym = self._keyring.pseudonym(event.user)
@@ -168,8 +192,7 @@ class SqliteAuditLog:
             "outcome": event.outcome,
             "data": event.data,
         }
-        with self._locked(), self._transaction():
-            return self._append_locked(fields, pseudonym, salt)
+        return fields, pseudonym, salt
 
     def compact(self, retention_s: float) -> AuditEntry | None:
         """Replace detailed entries older than the retention by accounting rows (one entry)."""

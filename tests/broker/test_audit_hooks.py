@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 from broker_fakes import GPT2_KEY, SITES, FakeIdentity, error, settings_for
@@ -99,3 +100,50 @@ async def test_an_audit_failure_does_not_fail_the_job(audited, caplog) -> None:
     await service.drain()
     assert service.job(reply.id).state == "COMPLETED"
     assert "audit: could not record" in caplog.text
+
+
+class RecordingLog:
+    """An AuditLog that keeps each batch it is given (as the events' sizes); fails the first
+    `fail` batches."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.batches: list[list[int]] = []
+        self.failures = 0
+        self._fail = fail
+
+    def append_many(self, events):
+        if self._fail:
+            self._fail -= 1
+            self.failures += 1
+            raise OSError("disk full")
+        self.batches.append([event.bytes_in for event in events])
+        return []
+
+
+def _refuse(auditor: JobAuditor, size: int) -> None:
+    auditor.refused(ALICE, size, PermissionDenied("no"))
+
+
+def test_the_writer_thread_writes_what_arrives_within_its_window_as_one_batch() -> None:
+    recorded = RecordingLog()
+    auditor = JobAuditor(recorded, background=True, window_s=30.0)
+    for size in (1, 2, 3):
+        _refuse(auditor, size)
+    auditor.close()  # does not wait out the window: it writes what is queued, in order
+    assert recorded.batches == [[1, 2, 3]]
+    auditor.close()  # idempotent
+
+
+def test_a_failed_batch_is_logged_and_the_next_one_is_written(caplog) -> None:
+    recorded = RecordingLog(fail=1)
+    auditor = JobAuditor(recorded, background=True, window_s=0.0)
+    with caplog.at_level(logging.ERROR, logger="broker.audit.hooks"):
+        _refuse(auditor, 1)
+        for _ in range(100):  # the first batch goes alone (no window), and fails
+            if recorded.failures:
+                break
+            time.sleep(0.02)
+        _refuse(auditor, 2)
+        auditor.close()
+    assert recorded.failures == 1 and "could not record job.refused" in caplog.text
+    assert recorded.batches == [[2]]

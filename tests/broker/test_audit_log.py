@@ -77,6 +77,25 @@ def test_appended_entries_chain_and_verify(log, clock) -> None:
     assert report.head_seq == report.checkpoint_seq == 6
 
 
+def test_a_batch_chains_like_single_appends_and_is_signed_once(log, clock) -> None:
+    """`append_many` (the broker's group commit): the same chain as one append per entry, and
+    one signed head for the batch, naming its last entry."""
+    job_events(log, clock, n=1)
+    events = [
+        AuditEvent(action=AuditAction.JOB_SUBMIT, user=ALICE, role="researcher", job_id=f"b{i}")
+        for i in range(3)
+    ]
+    signed_before = checkpoint.read(log.head_path)
+    batch = log.append_many(events)
+    assert [e.seq for e in batch] == [3, 4, 5] and [e.job_id for e in batch] == ["b0", "b1", "b2"]
+    entries = log.entries()
+    assert all(b.prev == a.hash for a, b in zip(entries, entries[1:], strict=False))
+    head = checkpoint.read(log.head_path)
+    assert signed_before.seq == 2 and (head.seq, head.hash) == (5, batch[-1].hash)
+    assert log.verify().ok
+    assert log.append_many([]) == [] and checkpoint.read(log.head_path) == head
+
+
 def test_verify_still_passes_after_the_signing_key_is_rotated_out(log, clock, tmp_path) -> None:
     """The head was signed by a key that has since been rotated out and retired: it still
     attests the moment it signed, and nothing new had to be written for verify to pass."""
