@@ -41,6 +41,11 @@ with a 128 MiB inline limit → drive them all with the unmodified nnsight 0.8.1
    broker + agent fixed overhead as the client sees it (mesh p50 - ideal p50 - the site's
    block time); and `torch.ones(n)` results served from the ideal server's memory: how fast
    the unmodified client can take 64 MiB and 1 GiB when no server costs anything.
+6. cpu: the CPU time each process of the mesh spends per job (user + system, from
+   `/proc/<pid>/stat` before and after a series of tiny-gpt2 small traces, grouped by role:
+   broker, site agent, model worker, Ray's own processes), and the client's own (its
+   `getrusage`). On a 2-core machine every process of the path shares the same two cores, so
+   CPU per job is what the servers take from each other and from the client.
 
 Prints a table; `--out` writes every figure as JSON. Figures go to docs/benchmarks.md.
 """
@@ -54,6 +59,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -81,7 +87,7 @@ SITE = "bench"
 PROMPT = "The capital of France is"  # 8 tokens with the demo tokenizer
 PROMPT_10 = "The capital of germany is berlin"  # 10 tokens with the demo tokenizer
 SAVED_LAYER = {TINY: 1, SMALL: 5}
-SECTIONS = ("latency", "delivery", "slice", "hops", "ideal")
+SECTIONS = ("latency", "delivery", "slice", "hops", "ideal", "cpu")
 TORCH_THREADS = 1  # the site config's torch_threads, and the local reference's
 
 SITE_YAML = """\
@@ -925,6 +931,83 @@ def bench_ideal(client: Client, runs: int, warmups: int, big: bool, quick: bool)
     return {"latency": latency, "delivery": ideal_delivery(client, ideal, big, quick)}
 
 
+# -- 6. CPU per job --------------------------------------------------------------------------
+
+CPU_ROLES = (  # (role, words in the command line), first match wins
+    ("broker (the one measured and the two idle ones)", ("edif broker run",)),
+    ("site agent", ("edif agent",)),
+    ("model workers (tiny-gpt2's and the idle GPT-2-small one)", ("ray::ModelWorker",)),
+    ("ideal server (idle)", ("ideal_broker.py",)),
+    ("Ray: raylet, GCS, idle workers and helpers", ("ray", "raylet", "gcs_server")),
+    ("bench mesh host (idle)", ("--serve-mesh",)),
+)
+
+
+def _process_table() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, command line, CPU clock ticks used so far), every readable process."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        table[int(name)] = (int(fields[1]), cmdline, int(fields[11]) + int(fields[12]))
+    return table
+
+
+def _descendants(roots: list[int], table: dict[int, tuple[int, str, int]]) -> set[int]:
+    found = set(roots)
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
+def _role(cmdline: str) -> str:
+    for role, words in CPU_ROLES:
+        if any(word in cmdline for word in words):
+            return role
+    return "other"
+
+
+def bench_cpu(client: Client, runs: int, warmups: int) -> dict[str, Any]:
+    """CPU per tiny-gpt2 small trace, by process role, over `runs` jobs one after another."""
+    remote, layer = client.remote[TINY], SAVED_LAYER[TINY]
+    client.use("default", compress=True)
+    for _ in range(5 * warmups):
+        small_trace(remote, layer, remote=True)
+    tick_ms = 1e3 / os.sysconf("SC_CLK_TCK")
+    before = _process_table()
+    pids = _descendants([proc.pid for proc in client.mesh.procs], before)
+    own_before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(runs):
+        small_trace(remote, layer, remote=True)
+    wall_s, own_after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    after = _process_table()
+    roles: dict[str, float] = {}
+    for pid in pids & after.keys():
+        used = (after[pid][2] - before[pid][2]) * tick_ms / runs
+        role = _role(after[pid][1])
+        roles[role] = roles.get(role, 0.0) + used
+    own = own_after.ru_utime + own_after.ru_stime - own_before.ru_utime - own_before.ru_stime
+    return {
+        "model": TINY,
+        "runs": runs,
+        "wall_ms_per_job": wall_s * 1e3 / runs,
+        "client_ms_per_job": own * 1e3 / runs,
+        "servers_ms_per_job": dict(sorted(roles.items(), key=lambda kv: -kv[1])),
+        "clock_tick_ms": tick_ms,
+    }
+
+
 # -- 3. bytes of a saved slice ----------------------------------------------------------------
 
 
@@ -1347,6 +1430,17 @@ def print_ideal(report: dict[str, Any]) -> None:
         )
 
 
+def print_cpu(report: dict[str, Any]) -> None:
+    cpu = report["cpu"]
+    print(f"\n== 6. CPU per job: {cpu['model']} small trace, {cpu['runs']} jobs in a row ==")
+    print(f"  wall time per job {cpu['wall_ms_per_job']:.2f} ms")
+    print(f"  {cpu['client_ms_per_job']:7.2f} ms  the nnsight client (this process)")
+    for role, used in cpu["servers_ms_per_job"].items():
+        print(f"  {used:7.2f} ms  {role}")
+    total = sum(cpu["servers_ms_per_job"].values())
+    print(f"  {total:7.2f} ms  all server processes (clock tick {cpu['clock_tick_ms']:.0f} ms)")
+
+
 def print_report(report: dict[str, Any]) -> None:
     printers = {
         "latency": print_latency,
@@ -1354,6 +1448,7 @@ def print_report(report: dict[str, Any]) -> None:
         "slice": print_slice,
         "hops": print_hops,
         "ideal": print_ideal,
+        "cpu": print_cpu,
     }
     for key, printer in printers.items():
         if report.get(key):
@@ -1480,6 +1575,10 @@ def main(argv: list[str] | None = None) -> int:
         if "ideal" in sections:
             load["ideal"] = os.getloadavg()
             report["ideal"] = bench_ideal(client, runs, warmups, args.big, args.quick)
+        if "cpu" in sections:
+            print(f"cpu: {2 * runs} tiny-gpt2 jobs ...", flush=True)
+            load["cpu"] = os.getloadavg()
+            report["cpu"] = bench_cpu(client, 2 * runs, warmups)
         load["end"] = os.getloadavg()
         report["targets"] = targets(report)
     finally:
