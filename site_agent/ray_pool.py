@@ -107,9 +107,12 @@ class RayWorkerHandle:
                         yield item
         except RayActorError as exc:
             raise WorkerDied(type(exc).__name__) from exc
-        finally:
-            if not ended:  # closed early (or the worker died): let its job thread finish
+        except GeneratorExit:
+            # Closed early (the broker went away): let the job thread finish now, not at the
+            # next `begin`. A worker that died or timed out is replaced, so it needs no call.
+            if not ended:
                 self._abandon()
+            raise
 
     def _abandon(self) -> None:
         try:

@@ -5,7 +5,7 @@ shows it every update it streams back. The job's spans continue the broker's tra
 `traceparent` the broker sent; a call without one starts a trace of its own):
 
     edif.site.execute             the whole call (attrs: job id, model, site, outcome)
-    ├─ edif.site.queue_wait       until the model's worker starts it (RUNNING)
+    ├─ edif.site.queue_wait       until the job is handed to its model worker (RUNNING)
     ├─ edif.site.deserialize      ┐ measured in the worker process (a Ray actor) and reported
     ├─ edif.site.run              │ in ResultEnd; placed from RUNNING on, with explicit times
     ├─ edif.site.encode           ┘

@@ -97,3 +97,31 @@ def test_a_dead_worker_is_worker_died() -> None:
     actor = FakeActor(RayActorError())
     with pytest.raises(WorkerDied):
         asyncio.run(_collect(RayWorkerHandle(actor)))
+    assert actor.calls == ["begin"]  # nothing more asked of a dead actor
+
+
+def test_a_time_limit_cancels_the_wait_without_calling_the_worker_again() -> None:
+    """The executor's time limit cancels the pending call; it then replaces the worker."""
+    actor = FakeActor([("running",), ("log", "still going")])
+
+    async def main() -> None:
+        stream = RayWorkerHandle(actor).execute(b"p", True, "{}")
+        await anext(stream)  # RUNNING
+        actor.more = _Never(actor)
+        await anext(stream)  # the log line; `more` is in flight, and never answers
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(stream), 0.05)
+
+    asyncio.run(main())
+    assert actor.calls == ["begin", "more"]
+
+
+class _Never:
+    """A method whose calls never answer (a job that runs past its limit)."""
+
+    def __init__(self, actor: FakeActor) -> None:
+        self._actor = actor
+
+    def remote(self, *args: object) -> asyncio.Future:
+        self._actor.calls.append("more")
+        return asyncio.get_running_loop().create_future()
