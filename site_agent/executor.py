@@ -1,7 +1,7 @@
 """The Executor: what the gRPC servicer talks to (describe, execute, cancel).
 
 `PoolExecutor` keeps one `ModelSlot` per configured model and turns each job into a stream
-of `ExecuteUpdate` messages: QUEUED (with position) while it waits for the model's worker,
+of `ExecuteUpdate` messages: QUEUED (with position) if it has to wait for the model's worker,
 RUNNING, LOG lines, the result in chunks and ResultEnd, or exactly one JobError. Time limits
 and cancellation kill the worker and start a replacement; the job ends with an error that
 says what happened and whether retrying makes sense. Workers come from a `WorkerFactory`
@@ -25,7 +25,7 @@ from proto import site_agent_pb2 as pb
 from proto.chunks import ChunkUpdate
 from site_agent.config import SiteConfig
 from site_agent.hardware import DetectedHardware
-from site_agent.slots import ModelSlot, WorkerDied, WorkerFactory
+from site_agent.slots import ModelSlot, SlotState, WorkerDied, WorkerFactory
 
 _PHASES = {"QUEUED": pb.QUEUED, "RUNNING": pb.RUNNING}
 
@@ -151,9 +151,15 @@ class PoolExecutor:
     async def _run_in_slot(
         self, slot: ModelSlot, job: JobSpec, ticket: _Ticket
     ) -> AsyncIterator[pb.ExecuteUpdate]:
+        # Only a job that has to wait (for another job, or for its worker to come up) hears
+        # QUEUED: for one the worker takes at once it would be a status shown for a
+        # millisecond, and a message to the broker and a frame to the client on every job.
+        waits = slot.lock.locked() or bool(slot.waiting) or slot.state is not SlotState.RUNNING
         slot.waiting.append(job.job_id)
-        position = len(slot.waiting) - 1 + (1 if slot.running else 0)
-        yield _status("QUEUED", f"waiting for {slot.cfg.repo_id} at {self.config.site}", position)
+        if waits:
+            position = len(slot.waiting) - 1 + (1 if slot.running else 0)
+            text = f"waiting for {slot.cfg.repo_id} at {self.config.site}"
+            yield _status("QUEUED", text, position)
         try:
             await slot.lock.acquire()
         finally:

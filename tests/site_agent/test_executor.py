@@ -75,9 +75,9 @@ async def test_job_streams_status_log_chunks_and_end() -> None:
     executor = make_executor(FakeFactory())
     await executor.start()
     updates = await collect(executor, job(b"ok"))
-    assert kinds(updates) == ["status", "status", "log", "chunk", "done"]
-    assert updates[0].status.phase == pb.QUEUED and updates[1].status.phase == pb.RUNNING
-    assert updates[3].chunk.data == b"abc"
+    assert kinds(updates) == ["status", "log", "chunk", "done"]
+    assert updates[0].status.phase == pb.RUNNING  # the worker was free: no QUEUED first
+    assert updates[2].chunk.data == b"abc"
     assert executor.slots[GPT2.model_key].recent_execution_s > 0
 
 
@@ -125,9 +125,18 @@ async def test_jobs_queue_in_order_with_positions() -> None:
     executor = make_executor(FakeFactory())
     await executor.start()
     results = await asyncio.gather(*(collect(executor, job(b"ok", f"j{i}")) for i in range(3)))
-    positions = sorted(r[0].status.position for r in results)
-    assert positions == [0, 1, 2]
+    first = [(r[0].status.phase, r[0].status.position) for r in results]
+    assert first == [(pb.RUNNING, 0), (pb.QUEUED, 1), (pb.QUEUED, 2)]
     assert all(r[-1].HasField("done") for r in results)
+
+
+async def test_a_job_waiting_for_its_worker_to_start_hears_queued() -> None:
+    factory = FakeFactory()
+    executor = make_executor(factory)
+    starting = asyncio.create_task(executor.start())  # still loading when the job arrives
+    updates = await collect(executor, job(b"ok"))
+    await starting
+    assert updates[0].status.phase == pb.QUEUED and updates[1].status.phase == pb.RUNNING
 
 
 async def test_cancel_running_job_frees_the_worker() -> None:
