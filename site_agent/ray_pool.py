@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from site_agent.config import ModelConfig
 from site_agent.slots import WorkerDied
+from site_agent.worker import ENDS
 
 log = logging.getLogger("edif.agent.ray")
 
@@ -99,7 +100,7 @@ class RayWorkerHandle:
             yield ("running",)
             while not ended:
                 batch = await pending
-                ended = any(item[0] in ("done", "error") for item in batch)
+                ended = any(item[0] in ENDS for item in batch)
                 if not ended:
                     pending = self.actor.more.remote()
                 for item in batch:

@@ -49,6 +49,8 @@ from site_agent.config import ModelConfig
 
 _END = object()
 _REPLACING = "this model worker is being replaced after an earlier job; retry"
+# The tags of a job's last update: after one of them the job has ended.
+ENDS = frozenset({"done", "error"})
 # How long one `more` call waits for an update before it returns none (the agent calls again).
 LONG_POLL_S = 1.0
 
@@ -242,7 +244,7 @@ class ModelWorker:
                 break
             items.append(item)
             tag = item[0]
-            if tag in ("done", "error"):  # the job's end: nothing it queues later counts
+            if tag in ENDS:  # nothing the job queues after its end counts
                 if self._job is job:
                     self._job = None
                 break

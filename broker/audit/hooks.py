@@ -70,7 +70,8 @@ class JobAuditor:
 
     def close(self) -> None:
         """Write every queued entry, then stop the writer thread. Idempotent."""
-        if self._writer is not None and self._queue is not None:
+        if self._writer is not None:
+            assert self._queue is not None
             self._queue.put(_STOP)
             self._writer.join()
             self._writer = None
@@ -122,31 +123,33 @@ class JobAuditor:
         )
 
     def _append(self, event: AuditEvent, job_id: str | None) -> None:
-        if self._queue is not None and self._writer is not None:
+        if self._writer is not None:
+            assert self._queue is not None
             self._queue.put((event, job_id))
         else:
             self._write([(event, job_id)])
 
     def _write_batches(self) -> None:
         """The writer thread: one batch per `window_s` at most, until `close`."""
-        assert self._queue is not None
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            batch = [] if first is _STOP else [first]
-            stopping = first is _STOP
-            deadline = time.monotonic() + self._window_s
-            while not stopping:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                else:
-                    batch.append(item)
+            batch, stopping = self._next_batch()
             if batch:
                 self._write(batch)
+
+    def _next_batch(self) -> tuple[list[tuple[AuditEvent, str | None]], bool]:
+        """What arrives from the next entry on until `window_s` later; True once `close`d."""
+        assert self._queue is not None
+        batch: list[tuple[AuditEvent, str | None]] = []
+        item = self._queue.get()
+        deadline = time.monotonic() + self._window_s
+        while item is not _STOP:
+            batch.append(item)
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return batch, False
+        return batch, True
 
     def _write(self, batch: list[tuple[AuditEvent, str | None]]) -> None:
         try:
